@@ -1,0 +1,77 @@
+"""CLIP vision towers: HF ``CLIPVisionConfig`` -> ``VisionConfig`` and weights -> ``vision.*``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import einops
+import torch
+
+from vlm_lens.config import VisionConfig, VLMConfig
+from vlm_lens.conversion.checks import require_exact_keys
+
+
+def clip_vision_config(hf_vision: Any) -> VisionConfig:
+    return VisionConfig(
+        family="clip",
+        d_model=hf_vision.hidden_size,
+        n_heads=hf_vision.num_attention_heads,
+        d_mlp=hf_vision.intermediate_size,
+        n_layers=hf_vision.num_hidden_layers,
+        image_size=hf_vision.image_size,
+        patch_size=hf_vision.patch_size,
+        eps=hf_vision.layer_norm_eps,
+        act_fn=hf_vision.hidden_act,
+        n_channels=hf_vision.num_channels,
+        has_class_token=True,
+    )
+
+
+def _attention(sd: dict[str, torch.Tensor], src: str, dst: str, n_heads: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for hf, tl in (("q", "Q"), ("k", "K"), ("v", "V")):
+        out[f"{dst}W_{tl}"] = einops.rearrange(sd[f"{src}{hf}_proj.weight"], "(n h) m -> n m h", n=n_heads)
+        out[f"{dst}b_{tl}"] = einops.rearrange(sd[f"{src}{hf}_proj.bias"], "(n h) -> n h", n=n_heads)
+    out[f"{dst}W_O"] = einops.rearrange(sd[f"{src}out_proj.weight"], "m (n h) -> n h m", n=n_heads)
+    out[f"{dst}b_O"] = sd[f"{src}out_proj.bias"]
+    return out
+
+
+def convert_clip_vision(vision_model: torch.nn.Module, cfg: VLMConfig) -> dict[str, torch.Tensor]:
+    """``vision.*`` weights from an HF ``CLIPVisionTransformer`` (the ``.vision_model``).
+
+    Blocks after the deepest selected feature layer and ``post_layernorm`` are not used by LLaVA;
+    they are left out on purpose, and every other weight must be consumed.
+    """
+    sd = dict(vision_model.named_parameters())
+    vcfg = cfg.vision
+    require_exact_keys(sd.keys(), _expected_clip_params(vcfg.n_layers), "CLIP vision tower")
+    out = {
+        "vision.W_patch": sd["embeddings.patch_embedding.weight"],
+        "vision.class_embedding": sd["embeddings.class_embedding"],
+        "vision.W_pos": sd["embeddings.position_embedding.weight"],
+        "vision.ln_pre.w": sd["pre_layrnorm.weight"],
+        "vision.ln_pre.b": sd["pre_layrnorm.bias"],
+    }
+    for i in range(cfg.n_vision_layers_used):
+        src, dst = f"encoder.layers.{i}.", f"vision.blocks.{i}."
+        out.update(_attention(sd, src + "self_attn.", dst + "attn.", vcfg.n_heads))
+        out[dst + "ln1.w"], out[dst + "ln1.b"] = sd[src + "layer_norm1.weight"], sd[src + "layer_norm1.bias"]
+        out[dst + "ln2.w"], out[dst + "ln2.b"] = sd[src + "layer_norm2.weight"], sd[src + "layer_norm2.bias"]
+        out[dst + "mlp.W_in"], out[dst + "mlp.b_in"] = sd[src + "mlp.fc1.weight"].T, sd[src + "mlp.fc1.bias"]
+        out[dst + "mlp.W_out"], out[dst + "mlp.b_out"] = sd[src + "mlp.fc2.weight"].T, sd[src + "mlp.fc2.bias"]
+    return out
+
+
+def _expected_clip_params(n_layers: int) -> set[str]:
+    keys = {
+        "embeddings.patch_embedding.weight", "embeddings.class_embedding",
+        "embeddings.position_embedding.weight", "pre_layrnorm.weight", "pre_layrnorm.bias",
+        "post_layernorm.weight", "post_layernorm.bias",
+    }
+    for i in range(n_layers):
+        p = f"encoder.layers.{i}."
+        keys |= {f"{p}self_attn.{x}_proj.{w}" for x in ("q", "k", "v", "out") for w in ("weight", "bias")}
+        keys |= {f"{p}{m}.{w}" for m in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
+                 for w in ("weight", "bias")}
+    return keys

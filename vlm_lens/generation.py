@@ -1,0 +1,123 @@
+"""Generation with images: the vision tower runs once, hooks fire on every step.
+
+With the key-value cache the images enter on the prefill only; without it every step re-runs the
+whole sequence and the same image embeddings are written at the prompt's image positions.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+from transformer_lens.utilities.logits_utils import sample_logits
+
+from vlm_lens.inputs import VLMInputs
+
+if TYPE_CHECKING:
+    from vlm_lens.hooked_vlm import HookedVLM
+
+
+def _as_inputs(model: HookedVLM, input: Any, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    if isinstance(input, VLMInputs):
+        if pixel_values is not None:
+            raise ValueError("Pass pixel_values inside the VLMInputs or with tokens, not both.")
+        return input.tokens, input.attention_mask, input.pixel_values
+    if isinstance(input, (str, list)):
+        if model.processor is not None:
+            prepared = model.prepare(input)
+            return prepared.tokens, prepared.attention_mask, pixel_values
+        tokens = model.to_tokens(input)
+        return tokens, torch.ones_like(tokens), pixel_values
+    tokens = input if input.ndim == 2 else input[None]
+    return tokens, torch.ones_like(tokens), pixel_values
+
+
+def generate(
+    model: HookedVLM,
+    input: Any,
+    max_new_tokens: int = 10,
+    *,
+    pixel_values: torch.Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    use_past_kv_cache: bool = True,
+    stop_at_eos: bool = True,
+    eos_token_id: int | None = None,
+    fwd_hooks: list[tuple[Any, Any]] | tuple = (),
+    return_type: Literal["tokens", "new_tokens", "str", "new_str"] = "tokens",
+    verbose: bool = False,
+    seed: int | None = None,
+) -> Any:
+    """Generate ``max_new_tokens`` tokens after the prompt (greedy unless ``do_sample``).
+
+    Returns the whole sequence as tokens (``"tokens"``, as HookedTransformer does), only the new tokens
+    (``"new_tokens"``), or decoded text (``"str"``: whole, image tokens collapsed to one placeholder;
+    ``"new_str"``: the continuation only). Finished rows are padded with the pad token.
+    """
+    if return_type not in ("tokens", "new_tokens", "str", "new_str"):
+        raise ValueError(f"return_type={return_type!r}; use 'tokens', 'new_tokens', 'str' or 'new_str'.")
+    tokens, attention_mask, pixel_values = _as_inputs(model, input, pixel_values)
+    device = model.cfg.device
+    tokens, attention_mask = tokens.to(device), attention_mask.to(device).long()
+    image_mask = model._check_image_inputs(tokens, pixel_values)
+    if tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
+        raise ValueError(
+            f"{tokens.shape[1]} prompt tokens + {max_new_tokens} new tokens exceed the context of {model.cfg.n_ctx}."
+        )
+    if seed is not None:
+        torch.manual_seed(seed)
+    tok = model.tokenizer
+    if eos_token_id is None and tok is not None:
+        eos_token_id = tok.eos_token_id
+    pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else (eos_token_id or 0)
+    batch, prompt_len = tokens.shape
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch) if use_past_kv_cache else None
+
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        if pixel_values is not None:
+            embeds = model.encode_images(pixel_values)
+            model._generation_images = (image_mask, embeds.reshape(-1, embeds.shape[-1]))
+        try:
+            step_input, step_mask = tokens, attention_mask
+            for _ in tqdm(range(max_new_tokens), disable=not verbose):
+                logits = model.forward(step_input, return_type="logits", attention_mask=step_mask,
+                                       past_kv_cache=cache)
+                final = logits[:, -1, :]
+                if do_sample:
+                    next_tok = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature,
+                                             tokens=tokens)
+                else:
+                    next_tok = final.argmax(dim=-1)
+                next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)
+                tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
+                attention_mask = torch.cat([attention_mask, torch.ones_like(next_tok[:, None])], dim=1)
+                if stop_at_eos and eos_token_id is not None:
+                    finished |= next_tok == eos_token_id
+                    if finished.all():
+                        break
+                if use_past_kv_cache:
+                    step_input, step_mask = next_tok[:, None], torch.ones_like(next_tok[:, None])
+                else:
+                    step_input, step_mask = tokens, attention_mask
+        finally:
+            model._generation_images = None
+    return _format(model, tokens, prompt_len, return_type)
+
+
+def _format(model: HookedVLM, tokens: torch.Tensor, prompt_len: int, return_type: str) -> Any:
+    if return_type == "tokens":
+        return tokens
+    if return_type == "new_tokens":
+        return tokens[:, prompt_len:]
+    rows = tokens[:, prompt_len:] if return_type == "new_str" else tokens
+    out = []
+    for row in rows.tolist():
+        collapsed = [t for i, t in enumerate(row)
+                     if not (t == model.image_token_id and i > 0 and row[i - 1] == model.image_token_id)]
+        out.append(model.tokenizer.decode(collapsed, skip_special_tokens=False))
+    return out

@@ -1,0 +1,110 @@
+"""Where each image sits in the sequence: spans, patch grids and conversions between them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Bool, Int
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """One image's tokens in one batch row."""
+
+    batch: int
+    start: int  # first sequence position of the image's tokens
+    end: int  # one past the last
+    grid: torch.Tensor  # [rows, cols] sequence positions, row-major over the patch grid
+    extra: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # CLS/newlines
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """The image layout of a batch: ``spans[i]`` is image ``i`` (images numbered in sequence order)."""
+
+    spans: tuple[ImageSpan, ...]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.spans)
+
+    def _span(self, image: int) -> ImageSpan:
+        if not 0 <= image < self.n_images:
+            raise ValueError(f"image index {image} out of range: this batch has {self.n_images} image(s).")
+        return self.spans[image]
+
+    def grid(self, image: int) -> Int[torch.Tensor, "rows cols"]:
+        """Sequence positions of image ``image`` laid out as its patch grid."""
+        return self._span(image).grid
+
+    def batch_of(self, image: int) -> int:
+        return self._span(image).batch
+
+    def images_in_row(self, batch: int) -> list[int]:
+        return [i for i, s in enumerate(self.spans) if s.batch == batch]
+
+    def position(self, image: int, row: int, col: int) -> int:
+        """The sequence position of image ``image``'s patch at grid cell (row, col)."""
+        grid = self.grid(image)
+        if not (0 <= row < grid.shape[0] and 0 <= col < grid.shape[1]):
+            raise ValueError(f"cell ({row}, {col}) is outside image {image}'s {tuple(grid.shape)} grid.")
+        return int(grid[row, col])
+
+    def image_positions(self, batch: int | None = None) -> Int[torch.Tensor, "n"]:
+        """All image-token positions (grid and extra) of one batch row, or of row 0 when batch is None."""
+        batch = 0 if batch is None else batch
+        parts = [torch.arange(s.start, s.end) for s in self.spans if s.batch == batch]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    def mask_to_positions(self, image: int, patch_mask: Bool[torch.Tensor, "rows cols"]) -> Int[torch.Tensor, "n"]:
+        """Sequence positions of the patches where ``patch_mask`` is True (row-major order)."""
+        grid = self.grid(image)
+        patch_mask = torch.as_tensor(patch_mask, dtype=torch.bool)
+        if patch_mask.shape != grid.shape:
+            raise ValueError(
+                f"patch mask has shape {tuple(patch_mask.shape)} but image {image}'s grid is {tuple(grid.shape)}."
+            )
+        return grid[patch_mask]
+
+    def positions_to_mask(self, image: int, positions: torch.Tensor | list[int]) -> Bool[torch.Tensor, "rows cols"]:
+        """Boolean patch mask of image ``image`` that is True at the given sequence positions."""
+        grid = self.grid(image)
+        positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
+        return torch.isin(grid, positions)
+
+    def cell_of(self, position: int) -> tuple[int, int, int] | None:
+        """(image, row, col) of a sequence position in batch row 0's coordinates, or None."""
+        for i, span in enumerate(self.spans):
+            hits = (span.grid == position).nonzero()
+            if len(hits):
+                return i, int(hits[0, 0]), int(hits[0, 1])
+        return None
+
+
+def build_layout(image_mask: torch.Tensor, tokens_per_image: int, grid_shape: tuple[int, int],
+                 n_leading_extra: int = 0) -> ImageLayout:
+    """Split each row's image tokens into images of ``tokens_per_image`` consecutive positions.
+
+    ``n_leading_extra`` tokens at the start of each image (LLaVA's CLS with strategy "full") are
+    listed apart from the grid.
+    """
+    rows, cols = grid_shape
+    if tokens_per_image != n_leading_extra + rows * cols:
+        raise ValueError(f"{tokens_per_image} tokens per image do not fit a {rows}x{cols} grid.")
+    spans = []
+    for b in range(image_mask.shape[0]):
+        positions = image_mask[b].nonzero().flatten().cpu()
+        if len(positions) % tokens_per_image:
+            raise ValueError(
+                f"batch row {b} has {len(positions)} image tokens, not a multiple of the "
+                f"{tokens_per_image} tokens one image takes."
+            )
+        for chunk in positions.split(tokens_per_image):
+            if chunk[-1] - chunk[0] + 1 != tokens_per_image:
+                raise ValueError(f"batch row {b}: an image's {tokens_per_image} tokens are not contiguous.")
+            spans.append(ImageSpan(
+                batch=b, start=int(chunk[0]), end=int(chunk[-1]) + 1,
+                grid=chunk[n_leading_extra:].reshape(rows, cols), extra=chunk[:n_leading_extra],
+            ))
+    return ImageLayout(tuple(spans))
