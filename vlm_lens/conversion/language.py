@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformer_lens.config import HookedTransformerConfig
@@ -24,10 +25,14 @@ class LanguageFamily:
     convert: Callable[[Any, HookedTransformerConfig], dict[str, torch.Tensor]]
     qkv_bias: bool
     default_prepend_bos: bool
+    # TL's Mistral/Qwen2 converters always emit grouped-query keys (``_W_K``); Llama's follows the config.
+    always_grouped: bool = True
 
 
 LANGUAGE_FAMILIES: dict[str, LanguageFamily] = {
-    "llama": LanguageFamily("LlamaForCausalLM", convert_llama_weights, qkv_bias=False, default_prepend_bos=True),
+    "llama": LanguageFamily(
+        "LlamaForCausalLM", convert_llama_weights, qkv_bias=False, default_prepend_bos=True, always_grouped=False
+    ),
     "mistral": LanguageFamily(
         "MistralForCausalLM", convert_mistral_weights, qkv_bias=False, default_prepend_bos=True
     ),
@@ -76,6 +81,9 @@ def text_config_to_tl(
     n_heads = text_config.num_attention_heads
     d_head = getattr(text_config, "head_dim", None) or text_config.hidden_size // n_heads
     act = text_config.hidden_act
+    n_kv = text_config.num_key_value_heads
+    if n_kv == n_heads and not family.always_grouped:
+        n_kv = None  # plain multi-head attention: TL then offers hook_attn_in too
     sliding = getattr(text_config, "sliding_window", None)
     if text_config.model_type == "qwen2" and not getattr(text_config, "use_sliding_window", False):
         sliding = None
@@ -87,7 +95,7 @@ def text_config_to_tl(
         d_model=text_config.hidden_size,
         d_head=d_head,
         n_heads=n_heads,
-        n_key_value_heads=text_config.num_key_value_heads,
+        n_key_value_heads=n_kv,
         d_mlp=text_config.intermediate_size,
         n_layers=text_config.num_hidden_layers,
         n_ctx=text_config.max_position_embeddings,
