@@ -100,7 +100,7 @@ def build_layout(image_mask: torch.Tensor, tokens_per_image: int, grid_shape: tu
                 f"batch row {b} has {len(positions)} image tokens, not a multiple of the "
                 f"{tokens_per_image} tokens one image takes."
             )
-        for chunk in positions.split(tokens_per_image):
+        for chunk in positions.split(tokens_per_image) if len(positions) else ():
             if chunk[-1] - chunk[0] + 1 != tokens_per_image:
                 raise ValueError(f"batch row {b}: an image's {tokens_per_image} tokens are not contiguous.")
             spans.append(ImageSpan(

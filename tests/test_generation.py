@@ -1,0 +1,77 @@
+"""generate() with images equals HF greedy generation, with and without the KV cache."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def img(seed, size=20):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def batch(raw_model):
+    prompts = ["USER : <image>\nwhat is this ? ASSISTANT :", "USER : <image>\ndescribe ASSISTANT :"]
+    return raw_model.prepare(prompts, images=[[img(0)], [img(1)]])
+
+
+def hf_generate(hf, inputs, n):
+    with torch.no_grad():
+        return hf.generate(input_ids=inputs.tokens, pixel_values=inputs.pixel_values,
+                           attention_mask=inputs.attention_mask, max_new_tokens=n, do_sample=False,
+                           pad_token_id=0, eos_token_id=2)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_generation_equals_hf(raw_model, hf_llava, batch, use_cache):
+    ours = raw_model.generate(batch, max_new_tokens=10, use_past_kv_cache=use_cache)
+    ref = hf_generate(hf_llava, batch, 10)
+    assert torch.equal(ours, ref)
+
+
+def test_vision_runs_once_and_hooks_fire_every_step(raw_model, batch):
+    calls = {"vision": 0, "resid": 0}
+
+    def count(name):
+        def hook(value, hook):
+            calls[name] += 1
+        return hook
+
+    out = raw_model.generate(batch, max_new_tokens=5, stop_at_eos=False, fwd_hooks=[
+        ("vision.hook_patch_embed", count("vision")), ("blocks.0.hook_resid_pre", count("resid"))])
+    assert out.shape[1] == batch.tokens.shape[1] + 5
+    assert calls == {"vision": 1, "resid": 5}
+    assert all(not hp._forward_hooks for hp in raw_model.hook_dict.values())
+
+
+def test_hooks_context_applies_to_generation(raw_model, batch):
+    base = raw_model.generate(batch, max_new_tokens=4, stop_at_eos=False, return_type="new_tokens")
+    with raw_model.hooks(fwd_hooks=[("hook_image_embeds", lambda v, hook: v * 0)]):
+        ablated = raw_model.generate(batch, max_new_tokens=4, stop_at_eos=False, return_type="new_tokens")
+    assert base.shape == ablated.shape == (2, 4)
+    with torch.no_grad():
+        logits = raw_model(batch)
+        zeroed = raw_model.run_with_hooks(batch, fwd_hooks=[("hook_image_embeds", lambda v, hook: v * 0)])
+    # the first generated token is the argmax of the (possibly ablated) prefill logits
+    assert torch.equal(base[:, 0], logits[:, -1].argmax(-1))
+    assert torch.equal(ablated[:, 0], zeroed[:, -1].argmax(-1))
+
+
+def test_string_return_types(raw_model, batch):
+    text = raw_model.generate(batch, max_new_tokens=3, return_type="str")
+    new = raw_model.generate(batch, max_new_tokens=3, return_type="new_str")
+    assert len(text) == 2 and text[0].split("ASSISTANT")[0].count("<image>") == 1  # run collapsed
+    assert all(isinstance(t, str) for t in new)
+
+
+def test_sampling_is_seeded(raw_model, batch):
+    a = raw_model.generate(batch, max_new_tokens=5, do_sample=True, seed=3, stop_at_eos=False)
+    b = raw_model.generate(batch, max_new_tokens=5, do_sample=True, seed=3, stop_at_eos=False)
+    assert torch.equal(a, b)
+
+
+def test_generate_rejects_missing_pixels(raw_model, batch):
+    with pytest.raises(ValueError, match="no pixel_values"):
+        raw_model.generate(batch.tokens, max_new_tokens=2)
