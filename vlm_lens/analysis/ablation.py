@@ -1,0 +1,122 @@
+"""Visual-token ablation: replace chosen image tokens with zeros, a mean token, matched noise or a tensor.
+
+Hooks act on ``hook_image_embeds``, which fires once per image encode: in ``generate`` that is the
+prefill only, so ablations are safe there. ``embed_ablation_hooks`` works on ``hook_embed`` for any
+position (text too), also prefill-only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+
+from vlm_lens.inputs import VLMInputs
+
+Replacement = Literal["zero", "mean", "noise"] | torch.Tensor
+Hook = tuple[str, Callable]
+
+
+def _per_row(positions: Any, batch: int) -> list[torch.Tensor]:
+    if torch.is_tensor(positions) or (isinstance(positions, list) and positions and isinstance(positions[0], int)):
+        return [torch.as_tensor(positions, dtype=torch.long)] * batch
+    if len(positions) != batch:
+        raise ValueError(f"give one position tensor per batch row ({batch}), got {len(positions)}.")
+    return [torch.as_tensor(p, dtype=torch.long) for p in positions]
+
+
+def embed_indices(inputs: VLMInputs, positions: Any) -> torch.Tensor:
+    """Rows of the flattened ``hook_image_embeds`` that hold the given sequence positions."""
+    rows = _per_row(positions, inputs.tokens.shape[0])
+    out, offset = [], 0
+    for span in inputs.layout.spans:
+        pos = rows[span.batch]
+        inside = pos[(pos >= span.start) & (pos < span.end)]
+        out.append(inside - span.start + offset)
+        offset += span.end - span.start
+    for b, pos in enumerate(rows):
+        covered = sum(int(((pos >= s.start) & (pos < s.end)).sum()) for s in inputs.layout.spans if s.batch == b)
+        if covered != len(pos.unique()):
+            raise ValueError(f"batch row {b}: some positions are not image tokens; use embed_ablation_hooks.")
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def _replace(values: torch.Tensor, replacement: Replacement, mean: torch.Tensor | None,
+             reference: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if isinstance(replacement, torch.Tensor):
+        return replacement.to(values).expand_as(values)
+    if replacement == "zero":
+        return torch.zeros_like(values)
+    if replacement == "mean":
+        if mean is None:
+            raise ValueError("replacement='mean' needs mean=...; compute it with mean_visual_token(model, inputs).")
+        return mean.to(values).expand_as(values)
+    if replacement == "noise":
+        mu, sigma = reference.mean(0), reference.std(0)
+        noise = torch.randn(values.shape, generator=generator, dtype=torch.float32).to(values)
+        return mu + sigma * noise
+    raise ValueError(f"unknown replacement {replacement!r}; use 'zero', 'mean', 'noise' or a tensor.")
+
+
+def image_ablation_hooks(inputs: VLMInputs, positions: Any, replacement: Replacement = "mean", *,
+                         mean: torch.Tensor | None = None, seed: int = 0) -> list[Hook]:
+    """Hooks that replace the image tokens at ``positions`` (one tensor, or one per batch row).
+
+    Example:
+        >>> pos = object_positions(inputs.layout, 0, item.target_mask, buffer=1)  # doctest: +SKIP
+        >>> model.run_with_hooks(inputs, fwd_hooks=image_ablation_hooks(inputs, pos, "mean", mean=mu))  # doctest: +SKIP
+    """
+    index = embed_indices(inputs, positions)
+    generator = torch.Generator().manual_seed(seed)
+
+    def hook(value: torch.Tensor, hook: Any) -> torch.Tensor:
+        flat = value.reshape(-1, value.shape[-1]).clone()
+        flat[index] = _replace(flat[index], replacement, mean, flat, generator)
+        return flat.reshape(value.shape)
+
+    return [("hook_image_embeds", hook)]
+
+
+def embed_ablation_hooks(positions: Any, replacement: Replacement = "zero", *, mean: torch.Tensor | None = None,
+                         seed: int = 0) -> list[Hook]:
+    """Hooks on ``hook_embed`` replacing any sequence positions; skipped on cached generation steps."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def hook(value: torch.Tensor, hook: Any) -> torch.Tensor:
+        rows = _per_row(positions, value.shape[0])
+        if max((int(r.max()) for r in rows if len(r)), default=-1) >= value.shape[1]:
+            return value  # a KV-cached generation step: the prompt positions are not in this call
+        value = value.clone()
+        for b, pos in enumerate(rows):
+            value[b, pos] = _replace(value[b, pos], replacement, mean, value[b], generator)
+        return value
+
+    return [("hook_embed", hook)]
+
+
+@torch.no_grad()
+def mean_visual_token(model: Any, inputs: VLMInputs | Iterable[VLMInputs]) -> Float[torch.Tensor, "d_model"]:
+    """The mean of ``hook_image_embeds`` over every visual token of the given inputs."""
+    batches = [inputs] if isinstance(inputs, VLMInputs) else list(inputs)
+    total, count = None, 0
+    for batch in batches:
+        if batch.pixel_values is None:
+            continue
+        embeds = model.encode_images(batch.pixel_values).reshape(-1, model.cfg.d_model).float()
+        total = embeds.sum(0) if total is None else total + embeds.sum(0)
+        count += embeds.shape[0]
+    if not count:
+        raise ValueError("no images in the given inputs; cannot compute a mean visual token.")
+    return (total / count).to(model.cfg.dtype)
+
+
+def save_mean(mean: torch.Tensor, path: str | Path) -> None:
+    save_file({"mean_visual_token": mean.detach().cpu().contiguous()}, str(path))
+
+
+def load_mean(path: str | Path) -> torch.Tensor:
+    return load_file(str(path))["mean_visual_token"]

@@ -1,0 +1,72 @@
+"""Activation patching between images (or prompts), per layer and per image position.
+
+Built on ``transformer_lens.patching.generic_activation_patch`` with an explicit index of
+(layer, position[, head]) rows, so only image positions are patched; results come back on the grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pandas as pd
+import torch
+from transformer_lens import patching
+
+from vlm_lens.inputs import VLMInputs
+
+Activation = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z"]
+
+
+@dataclass(frozen=True)
+class GridPatchingResult:
+    """``values`` is [n_layers, rows, cols] (or [n_layers, rows, cols, n_heads] for ``z``)."""
+
+    activation: str
+    layers: list[int]
+    values: torch.Tensor
+
+
+def logit_diff_metric(correct: int, incorrect: int, position: int = -1) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda logits: (logits[:, position, correct] - logits[:, position, incorrect]).mean()
+
+
+def answer_prob_metric(answer: int, position: int = -1) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda logits: logits[:, position].float().softmax(-1)[:, answer].mean()
+
+
+def normalised(metric: Callable, clean_value: float, corrupted_value: float) -> Callable:
+    """Rescale so the corrupted run scores 0 and the clean run 1."""
+    span = clean_value - corrupted_value
+    if abs(span) < 1e-12:
+        raise ValueError("clean and corrupted runs give the same metric; nothing to normalise.")
+    return lambda logits: (metric(logits) - corrupted_value) / span
+
+
+@torch.no_grad()
+def patch_image_positions(model: Any, clean: VLMInputs, corrupted: VLMInputs, metric: Callable, *,
+                          activation: Activation = "resid_pre", image: int = 0, layers: list[int] | None = None,
+                          clean_cache: Any = None) -> GridPatchingResult:
+    """Patch the clean activation into the corrupted run at each (layer, image position) and score it.
+
+    The two inputs must have the same token layout (same prompt, images of the same size).
+    """
+    if clean.tokens.shape != corrupted.tokens.shape or not torch.equal(clean.image_mask, corrupted.image_mask):
+        raise ValueError("clean and corrupted inputs must have the same shape and image positions.")
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    if clean_cache is None:
+        names = {f"blocks.{layer}.{'attn.hook_z' if activation == 'z' else 'hook_' + activation}" for layer in layers}
+        _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
+    grid = clean.layout.grid(image)
+    rows = [(layer, int(pos)) for layer in layers for pos in grid.flatten()]
+    if activation == "z":
+        rows = [(layer, pos, head) for layer, pos in rows for head in range(model.cfg.n_heads)]
+        df = pd.DataFrame(rows, columns=["layer", "pos", "head_index"])
+        setter, shape = patching.layer_pos_head_vector_patch_setter, (len(layers), *grid.shape, model.cfg.n_heads)
+    else:
+        df = pd.DataFrame(rows, columns=["layer", "pos"])
+        setter, shape = patching.layer_pos_patch_setter, (len(layers), *grid.shape)
+    flat = patching.generic_activation_patch(model, corrupted, clean_cache, metric, patch_setter=setter,
+                                             activation_name=activation, index_df=df)
+    return GridPatchingResult(activation, layers, flat.reshape(shape))

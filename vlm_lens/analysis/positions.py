@@ -1,0 +1,64 @@
+"""Position selectors: which sequence positions an intervention touches.
+
+Every selector returns a LongTensor of sequence positions in one batch row (``layout.batch_of(image)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Int
+
+from vlm_lens.layout import ImageLayout
+
+
+def dilate(mask: Bool[torch.Tensor, "rows cols"], buffer: int) -> Bool[torch.Tensor, "rows cols"]:
+    """Grow a patch mask by ``buffer`` cells in all 8 directions (a square structuring element)."""
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    if buffer < 0:
+        raise ValueError(f"buffer must be >= 0, got {buffer}.")
+    if buffer == 0:
+        return mask.clone()
+    grown = F.max_pool2d(mask[None, None].float(), kernel_size=2 * buffer + 1, stride=1, padding=buffer)
+    return grown[0, 0].bool()
+
+
+def object_positions(layout: ImageLayout, image: int, patch_mask: torch.Tensor, buffer: int = 0
+                     ) -> Int[torch.Tensor, "n"]:
+    """Positions of an object's patches (``patch_mask`` on the image's grid), grown by ``buffer`` cells."""
+    return layout.mask_to_positions(image, dilate(torch.as_tensor(patch_mask), buffer))
+
+
+def random_image_positions(layout: ImageLayout, image: int, n: int, *, seed: int = 0,
+                           exclude: torch.Tensor | None = None) -> Int[torch.Tensor, "n"]:
+    """``n`` distinct grid positions of the image drawn with a fixed seed, avoiding ``exclude`` (a mask)."""
+    grid = layout.grid(image)
+    allowed = torch.ones_like(grid, dtype=torch.bool)
+    if exclude is not None:
+        allowed &= ~torch.as_tensor(exclude, dtype=torch.bool)
+    candidates = grid[allowed]
+    if n > len(candidates):
+        raise ValueError(f"asked for {n} random positions but only {len(candidates)} cells are allowed.")
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
+    return candidates[order[:n]].sort().values
+
+
+def high_norm_positions(layout: ImageLayout, image: int, activations: torch.Tensor, *, n_std: float = 2.0
+                        ) -> Int[torch.Tensor, "n"]:
+    """"Register" tokens: grid positions whose activation norm exceeds mean + ``n_std`` std of the image's.
+
+    ``activations`` is [batch, pos, d] (e.g. ``cache["blocks.10.hook_resid_post"]`` or ``hook_embed``).
+    """
+    grid = layout.grid(image).flatten()
+    norms = activations[layout.batch_of(image), grid].float().norm(dim=-1)
+    threshold = norms.mean() + n_std * norms.std()
+    return grid[norms > threshold].sort().values
+
+
+def vision_positions(grid_size: int, patch_mask: torch.Tensor, has_class_token: bool = True
+                     ) -> Int[torch.Tensor, "n"]:
+    """Token indices inside the vision tower (CLS first when present) of the patches in ``patch_mask``."""
+    flat = torch.as_tensor(patch_mask, dtype=torch.bool).reshape(-1).nonzero().flatten()
+    if torch.as_tensor(patch_mask).shape != (grid_size, grid_size):
+        raise ValueError(f"patch mask must be {grid_size}x{grid_size}.")
+    return flat + int(has_class_token)
