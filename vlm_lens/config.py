@@ -68,6 +68,10 @@ class VLMConfig:
     image_token_id: int
     projector_act: str
     projector_bias: bool
+    pipeline: str = "llava"  # key of vlm_lens.image_pipeline.PIPELINES
+    image_newline: bool = False  # LLaVA-NeXT/OneVision: a learned embedding ends each row of tokens
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()  # any-resolution tilings (height, width)
+    vision_aspect_ratio: str | None = None  # LLaVA-OneVision, e.g. "anyres_max_9"
 
     def __post_init__(self) -> None:
         if not self.feature_layers:
@@ -95,7 +99,7 @@ class VLMConfig:
 
     @property
     def n_image_tokens(self) -> int:
-        """Visual tokens one image contributes to the sequence."""
+        """Visual tokens one base tile contributes (one image, for LLaVA-1.5)."""
         drop_cls = self.select_strategy == "default" and self.vision.has_class_token
         return self.vision.n_positions - int(drop_cls)
 

@@ -19,19 +19,21 @@ if TYPE_CHECKING:
     from vlm_lens.hooked_vlm import HookedVLM
 
 
-def _as_inputs(model: HookedVLM, input: Any, pixel_values: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+def _as_inputs(model: HookedVLM, input: Any, pixel_values: torch.Tensor | None,
+               extras: dict[str, Any]) -> VLMInputs:
+    from vlm_lens.inputs import inputs_from_tokens
+
     if isinstance(input, VLMInputs):
         if pixel_values is not None:
             raise ValueError("Pass pixel_values inside the VLMInputs or with tokens, not both.")
-        return input.tokens, input.attention_mask, input.pixel_values
+        return input
     if isinstance(input, (str, list)):
         if model.processor is not None:
-            prepared = model.prepare(input)
-            return prepared.tokens, prepared.attention_mask, pixel_values
-        tokens = model.to_tokens(input)
-        return tokens, torch.ones_like(tokens), pixel_values
+            return model.prepare(input)
+        input = model.to_tokens(input)
     tokens = input if input.ndim == 2 else input[None]
-    return tokens, torch.ones_like(tokens), pixel_values
+    model._check_image_inputs(tokens, pixel_values, extras)  # clear errors before the layout is built
+    return inputs_from_tokens(model, tokens, pixel_values, **extras)
 
 
 def generate(
@@ -51,6 +53,7 @@ def generate(
     return_type: Literal["tokens", "new_tokens", "str", "new_str"] = "tokens",
     verbose: bool = False,
     seed: int | None = None,
+    **extras: Any,
 ) -> Any:
     """Generate ``max_new_tokens`` tokens after the prompt (greedy unless ``do_sample``).
 
@@ -60,10 +63,15 @@ def generate(
     """
     if return_type not in ("tokens", "new_tokens", "str", "new_str"):
         raise ValueError(f"return_type={return_type!r}; use 'tokens', 'new_tokens', 'str' or 'new_str'.")
-    tokens, attention_mask, pixel_values = _as_inputs(model, input, pixel_values)
+    unknown = set(extras) - set(model.pipeline.extra_keys)
+    if unknown:
+        raise ValueError(f"generate() got unexpected arguments {sorted(unknown)}.")
+    inputs = _as_inputs(model, input, pixel_values, extras)
+    pixel_values = inputs.pixel_values
+    extras = {k: v for k, v in inputs.extras.items() if k in model.pipeline.extra_keys}
     device = model.cfg.device
-    tokens, attention_mask = tokens.to(device), attention_mask.to(device).long()
-    image_mask = model._check_image_inputs(tokens, pixel_values)
+    tokens, attention_mask = inputs.tokens.to(device), inputs.attention_mask.to(device).long()
+    image_mask = model._check_image_inputs(tokens, pixel_values, extras)
     if tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
         raise ValueError(
             f"{tokens.shape[1]} prompt tokens + {max_new_tokens} new tokens exceed the context of {model.cfg.n_ctx}."
@@ -80,8 +88,7 @@ def generate(
 
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         if pixel_values is not None:
-            embeds = model.encode_images(pixel_values)
-            model._generation_images = (image_mask, embeds.reshape(-1, embeds.shape[-1]))
+            model._generation_images = (image_mask, model.pipeline.encode(model, pixel_values, extras))
         try:
             step_input, step_mask = tokens, attention_mask
             for _ in tqdm(range(max_new_tokens), disable=not verbose):

@@ -17,6 +17,7 @@ from transformer_lens.hook_points import HookPoint
 import vlm_lens._compat  # noqa: F401  (silences TL's HookedTransformer deprecation, once)
 from vlm_lens.config import VLMConfig
 from vlm_lens.embed import MergingEmbed
+from vlm_lens.image_pipeline import build_pipeline
 from vlm_lens.inputs import VLMInputs
 from vlm_lens.projector import LlavaProjector
 from vlm_lens.vision import build_vision_tower
@@ -51,7 +52,10 @@ class HookedVLM(HookedTransformer):
         self.vision = build_vision_tower(vlm_cfg, dtype=self.cfg.dtype)
         self.hook_image_features = HookPoint()  # [n_images, n_image_tokens, d_features]
         self.projector = LlavaProjector(vlm_cfg, self.cfg.d_model, dtype=self.cfg.dtype)
-        self.hook_image_embeds = HookPoint()  # [n_images, n_image_tokens, d_model]
+        self.hook_image_embeds = HookPoint()  # [n_images, n_image_tokens, d_model] or [total_tokens, d_model]
+        if vlm_cfg.image_newline:
+            self.image_newline = torch.nn.Parameter(torch.empty(self.cfg.d_model, dtype=self.cfg.dtype))
+        self.pipeline = build_pipeline(vlm_cfg.pipeline)
         self._generation_images: tuple[torch.Tensor, torch.Tensor] | None = None
         if move_to_device:
             self.to(self.cfg.device)
@@ -134,14 +138,14 @@ class HookedVLM(HookedTransformer):
     def image_token_id(self) -> int:
         return self.vlm_cfg.image_token_id
 
-    def encode_images(
-        self, pixel_values: Float[torch.Tensor, "n_images channels height width"]
-    ) -> Float[torch.Tensor, "n_images n_image_tokens d_model"]:
-        """Vision tower -> ``hook_image_features`` -> projector -> ``hook_image_embeds``."""
-        features = self.hook_image_features(self.vision(pixel_values.to(self.cfg.device)))
-        return self.hook_image_embeds(self.projector(features))
+    def encode_images(self, pixel_values: torch.Tensor, **extras: Any) -> Float[torch.Tensor, "total_image_tokens d_model"]:
+        """Vision tower -> ``hook_image_features`` -> projector -> ``hook_image_embeds``, flattened in
+        sequence order (``extras``: per-architecture inputs such as ``image_sizes``)."""
+        self.pipeline.check(self, pixel_values, extras)
+        return self.pipeline.encode(self, pixel_values, extras)
 
-    def _check_image_inputs(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def _check_image_inputs(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None,
+                            extras: dict[str, Any] | None = None) -> torch.Tensor:
         """Validate before anything runs, so a bad call fires no hook and changes nothing."""
         image_mask = tokens == self.image_token_id
         n_tokens = int(image_mask.sum())
@@ -155,9 +159,8 @@ class HookedVLM(HookedTransformer):
             return image_mask
         if not torch.is_tensor(pixel_values):
             raise ValueError(f"pixel_values must be a tensor, got {type(pixel_values).__name__}.")
-        self.vision.check_pixels(pixel_values)
-        per_image = self.vlm_cfg.n_image_tokens
-        n_features = pixel_values.shape[0] * per_image
+        per_image = self.pipeline.check(self, pixel_values, extras or {})
+        n_features = sum(per_image)
         if n_tokens == 0:
             raise ValueError(
                 f"pixel_values for {pixel_values.shape[0]} image(s) were given but the tokens contain no "
@@ -166,9 +169,9 @@ class HookedVLM(HookedTransformer):
             )
         if n_tokens != n_features:
             raise ValueError(
-                f"The tokens contain {n_tokens} image tokens but {pixel_values.shape[0]} image(s) give "
-                f"{n_features} image features ({per_image} per image). Each image needs exactly "
-                f"{per_image} image tokens; use model.prepare(...) to expand placeholders."
+                f"The tokens contain {n_tokens} image tokens but {len(per_image)} image(s) give "
+                f"{n_features} image features ({', '.join(map(str, per_image))} per image). Each image needs "
+                "exactly that many image tokens; use model.prepare(...) to expand placeholders."
             )
         return image_mask
 
@@ -180,10 +183,12 @@ class HookedVLM(HookedTransformer):
         ``input`` is a ``VLMInputs`` (from ``model.prepare``), or tokens with the image tokens already
         expanded plus ``pixel_values``; strings and text-only tokens work as in TransformerLens.
         """
+        extras = {k: kwargs.pop(k) for k in self.pipeline.extra_keys if k in kwargs}
         if isinstance(input, VLMInputs):
             if pixel_values is not None:
                 raise ValueError("Pass pixel_values inside the VLMInputs or with tokens, not both.")
             pixel_values = input.pixel_values
+            extras = {k: v for k, v in input.extras.items() if k in self.pipeline.extra_keys}
             if kwargs.get("attention_mask") is None and input.needs_attention_mask:
                 kwargs["attention_mask"] = input.attention_mask
             input = input.tokens
@@ -192,22 +197,21 @@ class HookedVLM(HookedTransformer):
         if isinstance(input, (str, list)):
             input = self.to_tokens(input)
         tokens = input if input.ndim == 2 else input[None]
-        mask, embeds = self._image_merge(tokens, pixel_values, kwargs.get("past_kv_cache"))
+        mask, embeds = self._image_merge(tokens, pixel_values, kwargs.get("past_kv_cache"), extras)
         with self.embed.merging(mask, embeds):
             return super().forward(tokens, *args, **kwargs)
 
-    def _image_merge(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None,
-                     past_kv_cache: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _image_merge(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None, past_kv_cache: Any,
+                     extras: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self._generation_images is not None and pixel_values is None:
             # Inside generate(): the prompt's images go in wherever the call covers the prompt.
             prompt_mask, embeds = self._generation_images
             starts_at_zero = past_kv_cache is None or past_kv_cache[0].past_keys.shape[1] == 0
             return (prompt_mask, embeds) if starts_at_zero else (None, None)
-        image_mask = self._check_image_inputs(tokens, pixel_values)
+        image_mask = self._check_image_inputs(tokens, pixel_values, extras)
         if pixel_values is None:
             return None, None
-        embeds = self.encode_images(pixel_values)
-        return image_mask, embeds.reshape(-1, embeds.shape[-1])
+        return image_mask, self.pipeline.encode(self, pixel_values, extras)
 
     # ----------------------------------------------------------------------------------- inputs
     def prepare(self, prompts: str | list[str], images: Any = None, **kwargs: Any) -> VLMInputs:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from jaxtyping import Bool, Int
 
-from vlm_lens.layout import ImageLayout, build_layout
+from vlm_lens.layout import ImageLayout
 
 if TYPE_CHECKING:
     from vlm_lens.hooked_vlm import HookedVLM
@@ -68,10 +68,7 @@ def inputs_from_tokens(model: HookedVLM, tokens: torch.Tensor, pixel_values: tor
     """Wrap already-expanded tokens (and pixels) as ``VLMInputs`` with the layout filled in."""
     tokens = tokens if tokens.ndim == 2 else tokens[None]
     image_mask = tokens == model.image_token_id
-    cfg = model.vlm_cfg
-    grid = cfg.vision.grid_size
-    n_extra = cfg.n_image_tokens - grid * grid
-    layout = build_layout(image_mask, cfg.n_image_tokens, (grid, grid), n_leading_extra=n_extra)
+    layout = model.pipeline.layout(model, image_mask, extras)
     if attention_mask is None:
         attention_mask = torch.ones_like(tokens)
     return VLMInputs(tokens=tokens, attention_mask=attention_mask.long(), image_mask=image_mask,

@@ -23,7 +23,7 @@ def test_integrated_gradients_completeness(raw_model, one):
         base = raw_model.run_with_hooks(one, fwd_hooks=[("hook_image_embeds", lambda v, hook: mean.expand_as(v))])[0, -1, token]
     assert abs(ig.sum() - (full - base)) <= 0.05 * abs(full - base)
     gxi = image_token_attribution(raw_model, one, target)
-    assert gxi.shape == (1, raw_model.vlm_cfg.n_image_tokens)
+    assert gxi.shape == (raw_model.vlm_cfg.n_image_tokens,)
     top = top_attributed_positions(one, gxi, 0, 3)
     assert len(top) == 3 and set(top.tolist()) <= set(one.layout.image_positions().tolist())
 

@@ -106,7 +106,7 @@ def mean_visual_token(model: Any, inputs: VLMInputs | Iterable[VLMInputs]) -> Fl
     for batch in batches:
         if batch.pixel_values is None:
             continue
-        embeds = model.encode_images(batch.pixel_values).reshape(-1, model.cfg.d_model).float()
+        embeds = model.encode_images(batch.pixel_values, **batch.extras).float()
         total = embeds.sum(0) if total is None else total + embeds.sum(0)
         count += embeds.shape[0]
     if not count:

@@ -20,7 +20,7 @@ def logit_target(token: int, position: int = -1, batch: int = 0) -> Target:
 
 def _run(model: Any, inputs: VLMInputs, embeds: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
     leaf = embeds.detach().requires_grad_(True)
-    logits = model.run_with_hooks(inputs, fwd_hooks=[("hook_image_embeds", lambda v, hook: leaf)])
+    logits = model.run_with_hooks(inputs, fwd_hooks=[("hook_image_embeds", lambda v, hook: leaf.reshape(v.shape))])
     value = target(logits)
     (grad,) = torch.autograd.grad(value, leaf)
     return value.detach(), grad
@@ -29,8 +29,9 @@ def _run(model: Any, inputs: VLMInputs, embeds: torch.Tensor, target: Target) ->
 def image_token_attribution(model: Any, inputs: VLMInputs, target: Target, *,
                             method: Literal["grad_x_input", "integrated_gradients"] = "grad_x_input",
                             baseline: torch.Tensor | None = None, steps: int = 32
-                            ) -> Float[torch.Tensor, "n_images n_image_tokens"]:
-    """Attribution of ``target(logits)`` to each visual token, summed over the embedding dimension.
+                            ) -> Float[torch.Tensor, "total_image_tokens"]:
+    """Attribution of ``target(logits)`` to each visual token (in sequence order, all images of the
+    batch), summed over the embedding dimension.
 
     ``baseline`` (default zeros; pass a mean visual token for a mean baseline) is broadcast to
     ``hook_image_embeds``. Integrated gradients uses the midpoint rule with ``steps`` points, so its
@@ -39,7 +40,7 @@ def image_token_attribution(model: Any, inputs: VLMInputs, target: Target, *,
     if inputs.pixel_values is None:
         raise ValueError("attribution to visual tokens needs inputs with images.")
     with torch.no_grad():
-        embeds = model.encode_images(inputs.pixel_values)
+        embeds = model.encode_images(inputs.pixel_values, **inputs.extras)
     base = torch.zeros_like(embeds) if baseline is None else baseline.to(embeds).expand_as(embeds)
     with torch.enable_grad():
         if method == "grad_x_input":

@@ -1,0 +1,62 @@
+"""Image pipelines: how an architecture turns pixels into the embeddings spliced into the sequence.
+
+A pipeline is a plain object (not a module) that drives the model's own hooked modules
+(``vision``, ``projector``, hook points), so hook names never depend on the pipeline. One pipeline
+per family, chosen by ``VLMConfig.pipeline``; the core only calls these four methods.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vlm_lens.layout import ImageLayout, build_layout
+
+if TYPE_CHECKING:
+    from vlm_lens.hooked_vlm import HookedVLM
+
+
+class ImagePipeline:
+    """Interface. ``extras`` holds the per-architecture inputs (e.g. ``image_sizes``)."""
+
+    extra_keys: tuple[str, ...] = ()
+
+    def check(self, model: HookedVLM, pixel_values: torch.Tensor, extras: dict[str, Any]) -> list[int]:
+        """Validate the pixels and return the number of sequence tokens each image takes."""
+        raise NotImplementedError
+
+    def encode(self, model: HookedVLM, pixel_values: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+        """[total_image_tokens, d_model] in sequence order; fires the vision/projector hooks."""
+        raise NotImplementedError
+
+    def layout(self, model: HookedVLM, image_mask: torch.Tensor, extras: dict[str, Any]) -> ImageLayout:
+        raise NotImplementedError
+
+
+class LlavaPipeline(ImagePipeline):
+    """LLaVA-1.5: one fixed-size tile per image, every visual token on one square grid."""
+
+    def check(self, model: HookedVLM, pixel_values: torch.Tensor, extras: dict[str, Any]) -> list[int]:
+        model.vision.check_pixels(pixel_values)
+        return [model.vlm_cfg.n_image_tokens] * pixel_values.shape[0]
+
+    def encode(self, model: HookedVLM, pixel_values: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+        features = model.hook_image_features(model.vision(pixel_values.to(model.cfg.device)))
+        embeds = model.hook_image_embeds(model.projector(features))  # [n_images, n_tokens, d_model]
+        return embeds.reshape(-1, embeds.shape[-1])
+
+    def layout(self, model: HookedVLM, image_mask: torch.Tensor, extras: dict[str, Any]) -> ImageLayout:
+        cfg = model.vlm_cfg
+        grid = cfg.vision.grid_size
+        return build_layout(image_mask, cfg.n_image_tokens, (grid, grid),
+                            n_leading_extra=cfg.n_image_tokens - grid * grid)
+
+
+PIPELINES: dict[str, type[ImagePipeline]] = {"llava": LlavaPipeline}
+
+
+def build_pipeline(name: str) -> ImagePipeline:
+    if name not in PIPELINES:
+        raise ValueError(f"Unknown image pipeline {name!r}; known: {', '.join(sorted(PIPELINES))}.")
+    return PIPELINES[name]()
