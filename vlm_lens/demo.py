@@ -129,7 +129,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     views = {"attention_lm.html": viz.attention_heads(model, inputs, model.cfg.n_layers - 1, cache=cache, collapse_image=True),
              "attention_vision.html": viz.attention_heads(model, inputs, 0, tower="vision")}
     for name, view in views.items():
-        (out / name).write_text(str(view))
+        viz.save_html(view, out / name)  # circuitsvis's offline build: the report works without a network
     steps.update()
 
     scores = _ground_truth_scores(model, cfg.n_eval) if cfg.model is None else None
