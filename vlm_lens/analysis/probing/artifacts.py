@@ -36,7 +36,7 @@ class InputAgnosticKeys:
             raise ValueError(f"layer {layer} was not analysed; layers are {self.layers}.")
         return self.mask[self.layers.index(layer)]
 
-    def positions(self, layout: ImageLayout, image: int, layer: int) -> Int[torch.Tensor, "n"]:
+    def positions(self, layout: ImageLayout, image: int, layer: int) -> Int[torch.Tensor, " n"]:
         """Sequence positions of the flagged keys of ``layer`` in image ``image``."""
         return layout.mask_to_positions(image, self.cells(layer))
 

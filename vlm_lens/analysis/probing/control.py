@@ -82,7 +82,7 @@ def pool_regions(features: Float[torch.Tensor, "n_layers n_images rows cols dim"
     return torch.einsum("lnrcd,nrc->lnd", features.float(), w) / w.sum((1, 2))[None, :, None]
 
 
-def answer_probe(features: Float[torch.Tensor, "n_layers n_images rows cols dim"], labels: Int[torch.Tensor, "n_images"],
+def answer_probe(features: Float[torch.Tensor, "n_layers n_images rows cols dim"], labels: Int[torch.Tensor, " n_images"],
                  *, n_train: int, regions: Bool[torch.Tensor, "n_images rows cols"] | None = None,
                  weight_decay: float = 1e-2, progress: bool = False) -> Bool[torch.Tensor, "n_layers n_test"]:
     """Per layer, whether a multinomial logistic probe on pooled image features (``pool_regions``),
@@ -102,7 +102,7 @@ def answer_probe(features: Float[torch.Tensor, "n_layers n_images rows cols dim"
 
 @torch.no_grad()
 def choice_correct(model: Any, items: Sequence[Any], choices: Sequence[str], *, batch_size: int = 16
-                   ) -> Bool[torch.Tensor, "n_items"]:
+                   ) -> Bool[torch.Tensor, " n_items"]:
     """Whether the model's next-token logits, restricted to the answer ``choices``, pick each item's answer."""
     missing = sorted({it.answer for it in items} - set(choices))
     if missing:
@@ -118,10 +118,10 @@ def choice_correct(model: Any, items: Sequence[Any], choices: Sequence[str], *, 
 class GapResult:
     """Probe vs model output on the same items (per layer for the probe)."""
 
-    probe_accuracy: Float[torch.Tensor, "n_layers"]
+    probe_accuracy: Float[torch.Tensor, " n_layers"]
     model_accuracy: float
-    probe_right_model_wrong: Float[torch.Tensor, "n_layers"]  # fraction of all items
-    recovered: Float[torch.Tensor, "n_layers"]  # P(probe right | model wrong); nan if the model is never wrong
+    probe_right_model_wrong: Float[torch.Tensor, " n_layers"]  # fraction of all items
+    recovered: Float[torch.Tensor, " n_layers"]  # P(probe right | model wrong); nan if the model is never wrong
     n_items: int
 
     def __repr__(self) -> str:
@@ -131,7 +131,7 @@ class GapResult:
                 f"recovered={float(self.recovered[best]):.3f})")
 
 
-def probe_output_gap(probe_correct: Bool[torch.Tensor, "n_layers n_items"], model_correct: Bool[torch.Tensor, "n_items"]
+def probe_output_gap(probe_correct: Bool[torch.Tensor, "n_layers n_items"], model_correct: Bool[torch.Tensor, " n_items"]
                      ) -> GapResult:
     """How often the probe answers right where the model's output does not (the "perception gap").
 

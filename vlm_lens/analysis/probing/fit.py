@@ -14,18 +14,18 @@ class LinearProbe:
     """A fitted logistic probe; features are standardised with the training mean and std."""
 
     weight: Float[torch.Tensor, "n_classes dim"]
-    bias: Float[torch.Tensor, "n_classes"]
-    mean: Float[torch.Tensor, "dim"]
-    std: Float[torch.Tensor, "dim"]
+    bias: Float[torch.Tensor, " n_classes"]
+    mean: Float[torch.Tensor, " dim"]
+    std: Float[torch.Tensor, " dim"]
 
     def logits(self, x: Float[torch.Tensor, "n dim"]) -> Float[torch.Tensor, "n n_classes"]:
         return ((x.float() - self.mean) / self.std) @ self.weight.T + self.bias
 
-    def predict(self, x: Float[torch.Tensor, "n dim"]) -> Int[torch.Tensor, "n"]:
+    def predict(self, x: Float[torch.Tensor, "n dim"]) -> Int[torch.Tensor, " n"]:
         return self.logits(x).argmax(-1)
 
 
-def fit_logistic(x: Float[torch.Tensor, "n dim"], y: Int[torch.Tensor, "n"], *, n_classes: int | None = None,
+def fit_logistic(x: Float[torch.Tensor, "n dim"], y: Int[torch.Tensor, " n"], *, n_classes: int | None = None,
                  weight_decay: float = 1e-2, balanced: bool = True, max_iter: int = 100) -> LinearProbe:
     """Fit a (multinomial) logistic regression with L2 penalty by full-batch L-BFGS.
 
@@ -42,24 +42,26 @@ def fit_logistic(x: Float[torch.Tensor, "n dim"], y: Int[torch.Tensor, "n"], *, 
     z = (x - mean) / std
     counts = torch.bincount(y, minlength=n_classes).float()
     class_weight = (len(y) / (n_classes * counts.clamp(min=1))) if balanced else torch.ones(n_classes)
-    weight = torch.zeros(n_classes, x.shape[1], requires_grad=True)
-    bias = torch.zeros(n_classes, requires_grad=True)
+    sample_weight = class_weight[y] / class_weight[y].sum()
+    onehot = F.one_hot(y, n_classes).float()
+    weight, bias = torch.zeros(n_classes, x.shape[1]), torch.zeros(n_classes)
+    weight.grad, bias.grad = torch.zeros_like(weight), torch.zeros_like(bias)
     opt = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(z @ weight.T + bias, y, weight=class_weight)
-        loss = loss + weight_decay * weight.pow(2).sum() / 2
-        loss.backward()
+    def closure() -> torch.Tensor:  # weighted cross-entropy + L2, with its gradient written by hand
+        logp = (z @ weight.T + bias).log_softmax(-1)
+        loss = -(sample_weight * (logp * onehot).sum(-1)).sum() + weight_decay * weight.pow(2).sum() / 2
+        dlogits = sample_weight[:, None] * (logp.exp() - onehot)
+        weight.grad.copy_(dlogits.T @ z + weight_decay * weight)
+        bias.grad.copy_(dlogits.sum(0))
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
+    opt.step(closure)
     return LinearProbe(weight.detach(), bias.detach(), mean, std)
 
 
 def kmeans(x: Float[torch.Tensor, "n dim"], k: int, *, n_init: int = 4, iters: int = 50, seed: int = 0
-           ) -> tuple[Int[torch.Tensor, "n"], Float[torch.Tensor, "k dim"]]:
+           ) -> tuple[Int[torch.Tensor, " n"], Float[torch.Tensor, "k dim"]]:
     """Lloyd's k-means with k-means++ seeding; the best of ``n_init`` seeded runs (lowest inertia).
 
     Returns (labels, centroids).

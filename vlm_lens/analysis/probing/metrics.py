@@ -28,7 +28,7 @@ def _match_size(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def iou_per_image(pred: Bool[torch.Tensor, "n_images h w"], target: Bool[torch.Tensor, "n_images h2 w2"]
-                  ) -> Float[torch.Tensor, "n_images"]:
+                  ) -> Float[torch.Tensor, " n_images"]:
     """Per image, the mean of the foreground and background IoUs (a class absent from both counts 1).
 
     A token-grid ``pred`` is up-sampled (nearest) to the target's size when the target is in pixels.

@@ -40,7 +40,7 @@ def _layers(n: int, progress: bool, desc: str) -> Iterable[int]:
 def linear_probe_segmentation(features: Features, masks: Bool[torch.Tensor, "n_images rows cols"], *, n_train: int,
                               eval_masks: Bool[torch.Tensor, "n_images h w"] | None = None,
                               weight_decay: float = 1e-2, shuffle_labels: bool = False, seed: int = 0,
-                              progress: bool = False) -> Float[torch.Tensor, "n_layers"]:
+                              progress: bool = False) -> Float[torch.Tensor, " n_layers"]:
     """Few-shot foreground segmentation: a logistic probe on each token, trained on the first
     ``n_train`` images, scored by foreground/background mIoU on the rest.
 
@@ -82,8 +82,8 @@ def similarity_maps(features: Float[torch.Tensor, "n_images rows cols dim"], que
 
 
 def query_segmentation(features: Features, queries: Float[torch.Tensor, "n_layers n_queries dim"],
-                       masks: Bool[torch.Tensor, "n_images h w"], *, query_index: Int[torch.Tensor, "n_images"] | None = None,
-                       threshold: float = 0.5, metric: Literal["dot", "cosine"] = "cosine") -> Float[torch.Tensor, "n_layers"]:
+                       masks: Bool[torch.Tensor, "n_images h w"], *, query_index: Int[torch.Tensor, " n_images"] | None = None,
+                       threshold: float = 0.5, metric: Literal["dot", "cosine"] = "cosine") -> Float[torch.Tensor, " n_layers"]:
     """Zero-shot segmentation by similarity with a text query's key or value (``text_features``).
 
     Image ``i`` uses query ``query_index[i]`` (default: the only query, or query ``i``). Each
@@ -128,7 +128,7 @@ def nearest_patches(source: Float[torch.Tensor, "n_images rows cols dim"], targe
 def correspondence_pck(source: Features, target: Float[torch.Tensor, "n_layers n_images rows2 cols2 dim"],
                        source_points: Int[torch.Tensor, "n_images k 2"], target_points: Int[torch.Tensor, "n_images k 2"], *,
                        valid: Bool[torch.Tensor, "n_images k"] | None = None,
-                       threshold: float = 1.0) -> Float[torch.Tensor, "n_layers"]:
+                       threshold: float = 1.0) -> Float[torch.Tensor, " n_layers"]:
     """Semantic correspondence: PCK of nearest-neighbour matches from source to target image pairs.
 
     A source keypoint (row, col) is correct when its most similar target patch lies within
@@ -147,7 +147,7 @@ def correspondence_pck(source: Features, target: Float[torch.Tensor, "n_layers n
 
 
 def cosegmentation(features: Features, masks: Bool[torch.Tensor, "n_images h w"], *, k: int = 2, n_init: int = 4,
-                   normalize: bool = True, seed: int = 0, progress: bool = False) -> Float[torch.Tensor, "n_layers"]:
+                   normalize: bool = True, seed: int = 0, progress: bool = False) -> Float[torch.Tensor, " n_layers"]:
     """Co-segmentation: k-means over the tokens of all images jointly; per layer, the mIoU of the
     best-matching cluster taken as foreground. ``normalize`` clusters unit-length features."""
     _check(features, masks)
@@ -177,7 +177,7 @@ def propagate_labels(source: Float[torch.Tensor, "n_images rows cols dim"], targ
 
 def label_propagation(source: Features, target: Float[torch.Tensor, "n_layers n_images rows2 cols2 dim"],
                       source_masks: Bool[torch.Tensor, "n_images rows cols"], target_masks: Bool[torch.Tensor, "n_images h w"],
-                      *, k: int = 1) -> Float[torch.Tensor, "n_layers"]:
+                      *, k: int = 1) -> Float[torch.Tensor, " n_layers"]:
     """Temporal correspondence: propagate frame A's patch mask to frame B by nearest neighbours
     (``propagate_labels``) and score the result against B's mask (mIoU). Identical frames give 1."""
     _check(source, source_masks, "source masks", on_grid=True)

@@ -117,7 +117,7 @@ def _check_layers(model: Any, layers: Sequence[int] | None) -> tuple[int, ...]:
     return layers
 
 
-def grid_index(layout: ImageLayout) -> tuple[Int[torch.Tensor, "n_images"], Int[torch.Tensor, "n_images rows cols"]]:
+def grid_index(layout: ImageLayout) -> tuple[Int[torch.Tensor, " n_images"], Int[torch.Tensor, "n_images rows cols"]]:
     """(batch row, grid positions) of every image in ``layout``; all images must share one grid shape."""
     if layout.n_images == 0:
         raise ValueError("these inputs hold no image; build them with model.prepare(prompt, images=[...]).")
@@ -202,14 +202,15 @@ def read_kv(model: Any, inputs: VLMInputs | Iterable[VLMInputs], *, layers: Sequ
     return KVReadout(data, layers if lm else (), sites, {s: SITE_NOTES[s] for s in sites})
 
 
-def iter_layers(model: Any, inputs: Sequence[VLMInputs], *, layers: Sequence[int] | None = None,
+def iter_layers(model: Any, inputs: VLMInputs | Iterable[VLMInputs], *, layers: Sequence[int] | None = None,
                 sites: Sequence[str] = ("k", "rot_k", "v"), **kwargs: Any) -> Iterator[tuple[int, KVReadout]]:
-    """Yield ``(layer, readout)`` one layer at a time, over all of ``inputs`` (a re-iterable list).
+    """Yield ``(layer, readout)`` one layer at a time, over all of ``inputs`` (one or more batches).
 
     Memory holds one layer's features only; each layer costs a forward pass up to that layer.
     """
     if any(s in VISION_SITES for s in sites):
         raise ValueError("iter_layers reads LM sites only; read vision sites once with read_kv(sites=...).")
+    inputs = [inputs] if isinstance(inputs, VLMInputs) else list(inputs)  # re-read once per layer
     for layer in _check_layers(model, layers):
         yield layer, read_kv(model, inputs, layers=[layer], sites=sites, **kwargs)
 
