@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from factories import save_llava, tiny_llava_config  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: threads cost more than they give
 
 
 @pytest.fixture(scope="session")

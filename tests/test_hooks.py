@@ -1,8 +1,18 @@
 """Every hook fires on an image forward and moves the logits when its value is changed."""
 
+import factories_qwen
 import pytest
 import torch
 from factories import image_prompt_tokens, random_pixels, save_llava, tiny_llava_config
+from factories_next import (
+    PROMPTS,
+    SIZES,
+    image,
+    save_model,
+    single_thread,
+    tiny_next_config,
+    tiny_onevision_config,
+)
 from transformer_lens import utils
 
 from vlm_lens import HookedVLM
@@ -27,11 +37,14 @@ def _perturb(value: torch.Tensor) -> torch.Tensor:
     return value + noise * (value[torch.isfinite(value)].std() + 1e-2)
 
 
-def _check_all_hooks_live(model, names):
-    tokens = image_prompt_tokens(model.vlm_cfg.n_image_tokens, batch=2)
-    pixels = random_pixels(2)
+def _check_all_hooks_live(model, names, inputs=None):
+    """``inputs``: a VLMInputs; by default two LLaVA-1.5 prompts with random pixels."""
+    if inputs is None:
+        tokens, extra = image_prompt_tokens(model.vlm_cfg.n_image_tokens, batch=2), {"pixel_values": random_pixels(2)}
+    else:
+        tokens, extra = inputs, {}
     with torch.no_grad():
-        base = model(tokens, pixel_values=pixels)
+        base = model(tokens, **extra)
     dead, silent = [], []
     for name in names:
         fired = []
@@ -41,7 +54,7 @@ def _check_all_hooks_live(model, names):
             return _perturb(value)
 
         with torch.no_grad():
-            out = model.run_with_hooks(tokens, pixel_values=pixels, fwd_hooks=[(name, hook)])
+            out = model.run_with_hooks(tokens, **extra, fwd_hooks=[(name, hook)])
         if not fired:
             silent.append(name)
         elif torch.allclose(out, base, atol=1e-6):
@@ -118,3 +131,61 @@ def test_image_embeds_hook_edits_reach_logits_only_after_image(raw_model):
                                           fwd_hooks=[("hook_image_embeds", lambda v, hook: v * 0)])
     assert torch.allclose(base[:, :first_image_pos], zeroed[:, :first_image_pos], atol=1e-6)
     assert not torch.allclose(base[:, first_image_pos:], zeroed[:, first_image_pos:], atol=1e-4)
+
+
+ANYRES = {  # two-layer towers keep the hook count (one forward each) small
+    "llava-next": lambda: tiny_next_config("clip", "llama", vision={"num_hidden_layers": 2}, vision_feature_layer=-1),
+    "llava-onevision": lambda: tiny_onevision_config("siglip", "qwen2", vision={"num_hidden_layers": 2}),
+}
+
+
+@pytest.mark.parametrize("arch", list(ANYRES))
+def test_anyres_model_hooks_live(tmp_path, arch):
+    """LLaVA-NeXT (CLIP tower, Llama) and LLaVA-OneVision (SigLIP tower, Qwen2) on a batch of two tiled
+    images of different sizes, with every optional hook but ``hook_attn_in`` switched on."""
+    config = ANYRES[arch]()
+    config.text_config.num_key_value_heads = config.text_config.num_attention_heads
+    path, _ = save_model(tmp_path, config)
+    model = HookedVLM.from_pretrained_no_processing(str(path))
+    model.set_use_attn_result(True)
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    names = [n for n in model.hook_dict if not n.endswith("hook_attn_in")]
+    assert {"hook_image_features", "projector.hook_out", "hook_image_embeds", "vision.hook_patch_embed"} <= set(names)
+    inputs = model.prepare(PROMPTS, images=[[image(SIZES["wide"], 0)], [image(SIZES["square"], 1)]])
+    with single_thread():
+        _check_all_hooks_live(model, names, inputs)
+
+
+@pytest.fixture(scope="module")
+def qwen_model(tmp_path_factory):
+    path, _ = factories_qwen.save_qwen(tmp_path_factory.mktemp("qwen-hooks"))
+    return HookedVLM.from_pretrained_no_processing(str(path))
+
+
+def test_qwen2_5_vl_hooks_live(qwen_model):
+    """Qwen2.5-VL (windowed 2-D-rotary tower, patch merger, M-RoPE Qwen2 LM with grouped-query attention) on
+    two images of different sizes, with every optional hook switched on. ``hook_attn_in`` goes on its own and
+    in the vision tower only: TransformerLens refuses it for grouped-query attention (the Qwen2 LM)."""
+    model, fq = qwen_model, factories_qwen
+    inputs = model.prepare(fq.PROMPTS, images=[[fq.image(fq.SIZES["wide"], 0)], [fq.image(fq.SIZES["tall"], 1)]])
+    model.set_use_attn_result(True)
+    model.set_use_hook_mlp_in(True)
+    try:
+        model.set_use_split_qkv_input(True)
+        names = [n for n in model.hook_dict if not n.endswith("hook_attn_in")]
+        assert {"vision.hook_patch_embed", "vision.blocks.1.attn.hook_rot_k", "vision.blocks.0.mlp.hook_pre_linear",
+                "hook_image_features", "projector.hook_in", "projector.ln_q.hook_normalized", "projector.hook_hidden",
+                "projector.hook_out", "hook_image_embeds", "blocks.0.attn.hook_rot_q"} <= set(names)
+        with single_thread():
+            _check_all_hooks_live(model, names, inputs)
+        model.set_use_split_qkv_input(False)
+        model.vision.cfg.use_attn_in = True
+        names = [n for n in model.hook_dict if n.startswith("vision.") and n.endswith("hook_attn_in")]
+        assert len(names) == len(model.vision.blocks)
+        with single_thread():
+            _check_all_hooks_live(model, names, inputs)
+    finally:
+        model.vision.cfg.use_attn_in = False
+        for switch in (model.set_use_attn_result, model.set_use_hook_mlp_in, model.set_use_split_qkv_input):
+            switch(False)

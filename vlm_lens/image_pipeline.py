@@ -2,11 +2,13 @@
 
 A pipeline is a plain object (not a module) that drives the model's own hooked modules
 (``vision``, ``projector``, hook points), so hook names never depend on the pipeline. One pipeline
-per family, chosen by ``VLMConfig.pipeline``; the core only calls these four methods.
+per family, chosen by ``VLMConfig.pipeline``; the core only calls the methods of ``ImagePipeline``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,6 +35,18 @@ class ImagePipeline:
     def layout(self, model: HookedVLM, image_mask: torch.Tensor, extras: dict[str, Any]) -> ImageLayout:
         raise NotImplementedError
 
+    def install(self, model: HookedVLM) -> None:
+        """Called once at the end of ``HookedVLM.__init__``, before the fast components and hook points are
+        set up: an architecture may swap in its own modules here. Default: nothing."""
+
+    def forward_context(self, model: HookedVLM, tokens: torch.Tensor, image_mask: torch.Tensor | None,
+                        attention_mask: torch.Tensor | None, past_kv_cache: Any,
+                        extras: dict[str, Any]) -> contextlib.AbstractContextManager:
+        """Entered around the language model's forward pass, e.g. to set per-call position ids.
+        ``image_mask``: the positions that receive image embeddings in this call (None: no image; during
+        generation without a KV cache it covers the prompt only). Default: nothing."""
+        return contextlib.nullcontext()
+
 
 class LlavaPipeline(ImagePipeline):
     """LLaVA-1.5: one fixed-size tile per image, every visual token on one square grid."""
@@ -53,7 +67,28 @@ class LlavaPipeline(ImagePipeline):
                             n_leading_extra=cfg.n_image_tokens - grid * grid)
 
 
-PIPELINES: dict[str, type[ImagePipeline]] = {"llava": LlavaPipeline}
+# Pipelines in other modules subclass ImagePipeline, so they are imported when first built.
+def _anyres() -> ImagePipeline:
+    from vlm_lens.pipelines_anyres import AnyResPipeline
+
+    return AnyResPipeline()
+
+
+def _anyres_max() -> ImagePipeline:
+    from vlm_lens.pipelines_anyres import AnyResMaxPipeline
+
+    return AnyResMaxPipeline()
+
+
+def _qwen2_5_vl() -> ImagePipeline:
+    from vlm_lens.pipelines_qwen2_5_vl import Qwen2_5_VLPipeline
+
+    return Qwen2_5_VLPipeline()
+
+
+PIPELINES: dict[str, Callable[[], ImagePipeline]] = {
+    "llava": LlavaPipeline, "anyres": _anyres, "anyres_max": _anyres_max, "qwen2_5_vl": _qwen2_5_vl,
+}
 
 
 def build_pipeline(name: str) -> ImagePipeline:

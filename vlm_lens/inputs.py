@@ -182,9 +182,16 @@ def labelled_str_tokens(model: HookedVLM, inputs: VLMInputs) -> list[str] | list
             span = inputs.layout.spans[i]
             for k, pos in enumerate(span.extra.tolist()):
                 labels[pos] = f"<img{i} extra{k}>"
-            n_rows, n_cols = span.grid.shape
-            for r in range(n_rows):
-                for c in range(n_cols):
-                    labels[int(span.grid[r, c])] = f"<img{i} r{r} c{c}>"
+            for k, pos in enumerate(span.newlines.tolist()):
+                labels[pos] = f"<img{i} newline{k}>"
+            _label_grid(labels, span.grid, f"<img{i} ")
+            if span.crop_grid is not None:
+                _label_grid(labels, span.crop_grid, f"<img{i} crop ")
         rows.append(labels)
     return rows[0] if len(rows) == 1 else rows
+
+
+def _label_grid(labels: list[str], grid: torch.Tensor, prefix: str) -> None:
+    for r, row in enumerate(grid.tolist()):
+        for c, pos in enumerate(row):
+            labels[pos] = f"{prefix}r{r} c{c}>"

@@ -1,11 +1,22 @@
-"""Where each image sits in the sequence: spans, patch grids and conversions between them."""
+"""Where each image sits in the sequence: spans, patch grids and conversions between them.
+
+Every image has a base ``grid`` (one tile's patch grid). Any-resolution images (LLaVA-NeXT,
+LLaVA-OneVision) also have a ``crop_grid`` (the packed high-resolution grid after unpadding, and
+downsampling where the model does it), ``newlines`` (the learned row-end tokens, listed apart from both
+grids) and ``boxes``: the region of the original image each token was computed from.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
+
+
+def _no_positions() -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.long)
 
 
 @dataclass(frozen=True)
@@ -15,8 +26,12 @@ class ImageSpan:
     batch: int
     start: int  # first sequence position of the image's tokens
     end: int  # one past the last
-    grid: torch.Tensor  # [rows, cols] sequence positions, row-major over the patch grid
-    extra: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # CLS/newlines
+    grid: torch.Tensor  # [rows, cols] sequence positions, row-major over the (base tile's) patch grid
+    extra: torch.Tensor = field(default_factory=_no_positions)  # positions on no grid: CLS, newlines
+    crop_grid: torch.Tensor | None = None  # [rows, cols] positions of the packed crop grid (any-resolution)
+    newlines: torch.Tensor = field(default_factory=_no_positions)  # newline tokens (also in extra)
+    boxes: torch.Tensor | None = None  # [end - start, 4] float (top, left, bottom, right), original pixels
+    markers: torch.Tensor = field(default_factory=_no_positions)  # tokens opening/closing the image, outside it
 
 
 @dataclass(frozen=True)
@@ -37,6 +52,58 @@ class ImageLayout:
     def grid(self, image: int) -> Int[torch.Tensor, "rows cols"]:
         """Sequence positions of image ``image`` laid out as its patch grid."""
         return self._span(image).grid
+
+    def crop_grid(self, image: int) -> Int[torch.Tensor, "rows cols"]:
+        """Sequence positions of the image's high-resolution crop grid (row-major, newlines excluded)."""
+        span = self._span(image)
+        if span.crop_grid is None:
+            raise ValueError(
+                f"image {image} has no crop grid: it was encoded as one tile (LLaVA-1.5, or an image of a "
+                f"multi-image LLaVA-OneVision prompt). Use layout.grid({image})."
+            )
+        return span.crop_grid
+
+    def grids(self, image: int) -> dict[str, Int[torch.Tensor, "rows cols"]]:
+        """Each grid of the image by name: ``"base"`` (``grid``) and, for tiled images, ``"crops"``."""
+        span = self._span(image)
+        return {"base": span.grid} if span.crop_grid is None else {"base": span.grid, "crops": span.crop_grid}
+
+    def newlines(self, image: int) -> Int[torch.Tensor, "n"]:
+        """Positions of the image's newline tokens (one after each crop-grid row); on no grid."""
+        return self._span(image).newlines
+
+    def markers(self, image: int) -> Int[torch.Tensor, " n"]:
+        """Positions of the text tokens that open and close the image (Qwen2.5-VL's ``<|vision_start|>`` and
+        ``<|vision_end|>``), outside [start, end) and on no grid; empty where the model has none."""
+        return self._span(image).markers
+
+    def boxes(self, image: int) -> Float[torch.Tensor, "n_tokens 4"]:
+        """Region of the original image behind each of the image's tokens: row k is position ``start + k``.
+
+        Boxes are (top, left, bottom, right) in original-image pixels (fractional where the processor
+        resized): the footprint of the pixels a token reads, before the resampling filter blurs its edge.
+        A token downsampled from several (LLaVA-OneVision) gets the box bounding all of theirs. NaN rows
+        (newlines) have none.
+        """
+        span = self._span(image)
+        if span.boxes is None:
+            raise ValueError(
+                f"image {image} has no region map: it was laid out without the original image size "
+                "(LLaVA-1.5 layouts only know the processed tile; use grid() there)."
+            )
+        return span.boxes
+
+    def positions_in_box(self, image: int, box: Sequence[float | int]) -> Int[torch.Tensor, "n"]:
+        """Positions of the image's tokens whose region overlaps ``box`` (top, left, bottom, right), in
+        original-image pixels: base-grid and crop-grid tokens alike, never newlines."""
+        if len(box) != 4:
+            raise ValueError(f"box {tuple(box)} must be (top, left, bottom, right) in original-image pixels.")
+        top, left, bottom, right = (float(v) for v in box)
+        if not (bottom > top and right > left):
+            raise ValueError(f"box {tuple(box)} is empty; give (top, left, bottom, right) with bottom > top, right > left.")
+        b = self.boxes(image)
+        hit = (b[:, 0] < bottom) & (b[:, 2] > top) & (b[:, 1] < right) & (b[:, 3] > left)
+        return hit.nonzero().flatten() + self._span(image).start
 
     def batch_of(self, image: int) -> int:
         return self._span(image).batch

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 _FOLDED_NORMS = (".ln1.w", ".ln2.w", "ln_final.w")
+# Only the language model's own weights go through TransformerLens's processing (vision tower,
+# projector and extras such as LLaVA-NeXT's image_newline are left as they are).
+_LM_PREFIXES = ("embed.", "pos_embed.", "blocks.", "ln_final.", "unembed.")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -56,18 +59,19 @@ def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, pr
             f"Checkpoint {name_or_path!r} does not match its config ({detail}). vlm_lens never fills "
             "missing weights; fix or re-save the checkpoint."
         )
-    processor = _load_processor(name_or_path, **hf_kwargs)
+    processor = _load_processor(name_or_path, spec.load_processor, **hf_kwargs)
     holder = [hf_model]
     del hf_model
     return build_from_hf(cls, holder, processor, processing=processing, device=device, dtype=dtype)
 
 
-def _load_processor(name_or_path: str, **hf_kwargs: Any) -> Any:
+def _load_processor(name_or_path: str, load: Any = None, **hf_kwargs: Any) -> Any:
     from transformers import AutoProcessor
 
+    load = load or AutoProcessor.from_pretrained  # an architecture may register its own loader
     try:
-        return AutoProcessor.from_pretrained(name_or_path, trust_remote_code=False, **hf_kwargs)
-    except (OSError, ValueError, TypeError) as err:
+        return load(name_or_path, trust_remote_code=False, **hf_kwargs)
+    except (OSError, ValueError, TypeError, ImportError) as err:
         logger.warning("No processor loaded for %s (%s); model.prepare() will not be available.",
                        name_or_path, err)
         return None
@@ -96,7 +100,7 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
 
 
 def _process_language_weights(state: dict[str, torch.Tensor], cfg: Any, steps: dict[str, bool]) -> dict:
-    lm = {k: v for k, v in state.items() if not k.startswith(("vision.", "projector."))}
+    lm = {k: v for k, v in state.items() if k.startswith(_LM_PREFIXES)}
     other = {k: v for k, v in state.items() if k not in lm}
     state.clear()
     lm = ProcessWeights.process_weights(lm, cfg, **steps)

@@ -12,9 +12,11 @@ from vlm_lens.conversion.checks import require_exact_keys
 from vlm_lens.conversion.clip import clip_vision_config, convert_clip_vision
 from vlm_lens.conversion.language import convert_language_model, text_config_to_tl
 from vlm_lens.conversion.registry import ArchitectureSpec, register
+from vlm_lens.conversion.siglip import convert_siglip_vision, siglip_vision_config
 
-VISION_CONFIGS = {"clip_vision_model": clip_vision_config}
-VISION_CONVERTERS = {"clip": convert_clip_vision}
+# The vision tower family is chosen from ``vision_config.model_type``; LLaVA-NeXT/OneVision reuse these.
+VISION_CONFIGS = {"clip_vision_model": clip_vision_config, "siglip_vision_model": siglip_vision_config}
+VISION_CONVERTERS = {"clip": convert_clip_vision, "siglip": convert_siglip_vision}
 
 
 def _vision_config(hf_vision: Any):

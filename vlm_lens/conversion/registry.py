@@ -26,6 +26,7 @@ class ArchitectureSpec:
     hf_class: Callable[[], type]  # lazily returns the transformers class
     build_configs: ConfigBuilder
     convert_weights: WeightConverter
+    load_processor: Callable[..., Any] | None = None  # (name_or_path, **hf_kwargs); None: AutoProcessor
 
 
 _REGISTRY: dict[str, ArchitectureSpec] = {}

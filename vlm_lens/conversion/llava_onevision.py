@@ -1,0 +1,65 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): LLaVA-NeXT's tiling with ``anyres_max_N``
+downsampling, usually a SigLIP tower and a Qwen2 language model. Images only (no video)."""
+
+from __future__ import annotations
+
+from typing import Any, no_type_check
+
+import torch
+from transformer_lens.config import HookedTransformerConfig
+from transformers import LlavaOnevisionProcessor
+
+from vlm_lens.config import VLMConfig
+from vlm_lens.conversion.llava_next import anyres_configs, convert_anyres
+from vlm_lens.conversion.registry import ArchitectureSpec, register
+
+
+def llava_onevision_configs(hf_config: Any, dtype: torch.dtype, device: str
+                            ) -> tuple[HookedTransformerConfig, VLMConfig]:
+    return anyres_configs(hf_config, dtype, device, architecture="LlavaOnevisionForConditionalGeneration",
+                          pipeline="anyres_max", vision_aspect_ratio=hf_config.vision_aspect_ratio)
+
+
+class LlavaOnevisionImageProcessor(LlavaOnevisionProcessor):
+    """transformers' ``LlavaOnevisionProcessor`` without its video processor.
+
+    transformers builds every video processor on torchvision, and ``AutoProcessor`` loads the video
+    processor eagerly (transformers issue #48558), so without torchvision the OneVision processor cannot
+    be built at all. vlm_lens feeds images only; this keeps the image processor, tokenizer and the
+    processor's own token counting unchanged.
+
+    Example:
+        >>> processor = LlavaOnevisionImageProcessor.from_pretrained(folder)  # doctest: +SKIP
+    """
+
+    # transformers routes saved settings by ``__init__.__code__.co_varnames``: no type-check wrapper here.
+    @no_type_check
+    def __init__(self, image_processor: Any = None, tokenizer: Any = None, num_image_tokens: int | None = None,
+                 vision_feature_select_strategy: str | None = None, chat_template: str | None = None,
+                 image_token: str = "<image>", video_token: str = "<video>",
+                 vision_aspect_ratio: str = "anyres_max_9", **kwargs: Any):
+        super().__init__(image_processor, tokenizer, None, num_image_tokens=num_image_tokens,
+                         vision_feature_select_strategy=vision_feature_select_strategy,
+                         chat_template=chat_template, image_token=image_token, video_token=video_token,
+                         vision_aspect_ratio=vision_aspect_ratio, **kwargs)
+
+
+def load_onevision_processor(name_or_path: str, **hf_kwargs: Any) -> LlavaOnevisionImageProcessor:
+    return LlavaOnevisionImageProcessor.from_pretrained(name_or_path, **hf_kwargs)
+
+
+def _hf_class():
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration
+
+
+LLAVA_ONEVISION = register(
+    ArchitectureSpec(
+        name="LlavaOnevisionForConditionalGeneration",
+        hf_class=_hf_class,
+        build_configs=llava_onevision_configs,
+        convert_weights=convert_anyres,
+        load_processor=load_onevision_processor,
+    )
+)

@@ -1,0 +1,75 @@
+"""SigLIP vision towers: HF ``SiglipVisionConfig`` -> ``VisionConfig`` and weights -> ``vision.*``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlm_lens.config import VisionConfig, VLMConfig
+from vlm_lens.conversion.checks import require_exact_keys
+from vlm_lens.conversion.clip import _attention  # SigLIP's attention weights are laid out as CLIP's
+
+
+def siglip_vision_config(hf_vision: Any) -> VisionConfig:
+    for name in ("image_size", "patch_size"):
+        if not isinstance(getattr(hf_vision, name), int):
+            raise ValueError(
+                f"SigLIP {name}={getattr(hf_vision, name)!r}: vlm_lens supports square tiles and patches only "
+                "(an int)."
+            )
+    return VisionConfig(
+        family="siglip",
+        d_model=hf_vision.hidden_size,
+        n_heads=hf_vision.num_attention_heads,
+        d_mlp=hf_vision.intermediate_size,
+        n_layers=hf_vision.num_hidden_layers,
+        image_size=hf_vision.image_size,
+        patch_size=hf_vision.patch_size,
+        eps=hf_vision.layer_norm_eps,
+        act_fn=hf_vision.hidden_act,
+        n_channels=hf_vision.num_channels,
+        has_class_token=False,
+    )
+
+
+def convert_siglip_vision(vision_model: torch.nn.Module, cfg: VLMConfig) -> dict[str, torch.Tensor]:
+    """``vision.*`` weights from an HF ``SiglipVisionModel`` (or its ``.vision_model``).
+
+    ``post_layernorm``, the attention-pooling ``head`` and blocks after the deepest selected feature
+    layer are never used by a VLM; they are checked for and left out on purpose.
+    """
+    sd = dict(vision_model.named_parameters())
+    vcfg = cfg.vision
+    use_head = bool(getattr(vision_model.config, "vision_use_head", True))
+    require_exact_keys(sd.keys(), _expected_siglip_params(vcfg.n_layers, use_head), "SigLIP vision tower")
+    out = {
+        "vision.W_patch": sd["embeddings.patch_embedding.weight"],
+        "vision.b_patch": sd["embeddings.patch_embedding.bias"],
+        "vision.W_pos": sd["embeddings.position_embedding.weight"],
+    }
+    for i in range(cfg.n_vision_layers_used):
+        src, dst = f"encoder.layers.{i}.", f"vision.blocks.{i}."
+        out.update(_attention(sd, src + "self_attn.", dst + "attn.", vcfg.n_heads))
+        out[dst + "ln1.w"], out[dst + "ln1.b"] = sd[src + "layer_norm1.weight"], sd[src + "layer_norm1.bias"]
+        out[dst + "ln2.w"], out[dst + "ln2.b"] = sd[src + "layer_norm2.weight"], sd[src + "layer_norm2.bias"]
+        out[dst + "mlp.W_in"], out[dst + "mlp.b_in"] = sd[src + "mlp.fc1.weight"].T, sd[src + "mlp.fc1.bias"]
+        out[dst + "mlp.W_out"], out[dst + "mlp.b_out"] = sd[src + "mlp.fc2.weight"].T, sd[src + "mlp.fc2.bias"]
+    return out
+
+
+def _expected_siglip_params(n_layers: int, use_head: bool) -> set[str]:
+    keys = {
+        "embeddings.patch_embedding.weight", "embeddings.patch_embedding.bias",
+        "embeddings.position_embedding.weight", "post_layernorm.weight", "post_layernorm.bias",
+    }
+    for i in range(n_layers):
+        p = f"encoder.layers.{i}."
+        keys |= {f"{p}self_attn.{x}_proj.{w}" for x in ("q", "k", "v", "out") for w in ("weight", "bias")}
+        keys |= {f"{p}{m}.{w}" for m in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
+                 for w in ("weight", "bias")}
+    if use_head:
+        keys |= {"head.probe", "head.attention.in_proj_weight", "head.attention.in_proj_bias",
+                 "head.attention.out_proj.weight", "head.attention.out_proj.bias"}
+        keys |= {f"head.{m}.{w}" for m in ("layernorm", "mlp.fc1", "mlp.fc2") for w in ("weight", "bias")}
+    return keys
