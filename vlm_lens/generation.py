@@ -93,7 +93,7 @@ def generate(
             step_input, step_mask = tokens, attention_mask
             for _ in tqdm(range(max_new_tokens), disable=not verbose):
                 logits = model.forward(step_input, return_type="logits", attention_mask=step_mask,
-                                       past_kv_cache=cache)
+                                       past_kv_cache=cache, **extras)  # extras: e.g. positions need image grids
                 final = logits[:, -1, :]
                 if do_sample:
                     next_tok = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature,

@@ -56,9 +56,13 @@ class HookedVLM(HookedTransformer):
         if vlm_cfg.image_newline:
             self.image_newline = torch.nn.Parameter(torch.empty(self.cfg.d_model, dtype=self.cfg.dtype))
         self.pipeline = build_pipeline(vlm_cfg.pipeline)
+        self.pipeline.install(self)  # an architecture's own modules (e.g. another projector), before hooks exist
         self._generation_images: tuple[torch.Tensor, torch.Tensor] | None = None
         if move_to_device:
             self.to(self.cfg.device)
+        from vlm_lens.fast import install_fast_components  # same hooks, no per-forward weight copies
+
+        install_fast_components(self)
         self.setup()
 
     # ----------------------------------------------------------------------------------- loading
@@ -197,8 +201,11 @@ class HookedVLM(HookedTransformer):
         if isinstance(input, (str, list)):
             input = self.to_tokens(input)
         tokens = input if input.ndim == 2 else input[None]
-        mask, embeds = self._image_merge(tokens, pixel_values, kwargs.get("past_kv_cache"), extras)
-        with self.embed.merging(mask, embeds):
+        past_kv_cache = kwargs.get("past_kv_cache")
+        mask, embeds = self._image_merge(tokens, pixel_values, past_kv_cache, extras)
+        context = self.pipeline.forward_context(self, tokens, mask, kwargs.get("attention_mask"), past_kv_cache,
+                                                extras)
+        with self.embed.merging(mask, embeds), context:
             return super().forward(tokens, *args, **kwargs)
 
     def _image_merge(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None, past_kv_cache: Any,

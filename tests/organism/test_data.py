@@ -117,5 +117,6 @@ def test_fast_encoding_matches_the_processor():
     processor = build.build_processor()
     items = list(ShapesDataset(split="test", seed=0, size=12))
     slow, fast = build.encode(processor, items), build.encode_fast(processor, items)
-    for key in ("input_ids", "attention_mask", "pixel_values", "last", "answer"):
+    for key in ("input_ids", "attention_mask", "last", "answer"):
         assert torch.equal(slow[key], fast[key]), key
+    torch.testing.assert_close(slow["pixel_values"], fast["pixel_values"], atol=1e-6, rtol=0)

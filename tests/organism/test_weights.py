@@ -32,8 +32,9 @@ def test_processor_matches_training_encoding(shipped):
     _, processor = shipped
     items = list(organism.ShapesDataset(split="test", seed=0, size=8))
     slow, fast = build.encode(processor, items), build.encode_fast(processor, items)
-    for key in ("input_ids", "attention_mask", "pixel_values"):
+    for key in ("input_ids", "attention_mask"):
         assert torch.equal(slow[key], fast[key]), key
+    torch.testing.assert_close(slow["pixel_values"], fast["pixel_values"], atol=1e-6, rtol=0)
 
 
 @torch.no_grad()

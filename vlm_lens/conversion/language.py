@@ -3,9 +3,9 @@ TransformerLens's own converters (Llama, Mistral, Qwen2)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from collections.abc import Callable
 from typing import Any
 
 import torch

@@ -25,13 +25,15 @@ WORDS = (
     "user", "assistant", ":", "?", "what", "colour", "shape", "is", "the", "object", "at", "there", "a",
     *data.ANSWERS, "top", "middle", "bottom", "left", "right", "centre",
 )  # fmt: skip
+# "USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT:" -- the multi-turn format used in training.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% elif message['role'] == 'assistant' %} ASSISTANT: {% endif %}"
+    "{% if message['role'] == 'user' %}USER: {% else %} ASSISTANT: {% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
+    "{% if message['role'] != 'user' %}</s>{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %} ASSISTANT:{% endif %}"
 )
@@ -57,7 +59,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
         padding_side="right",
-        model_max_length=128,
+        model_max_length=256,
     )
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tok.chat_template = CHAT_TEMPLATE
@@ -80,7 +82,7 @@ def build_processor() -> LlavaProcessor:
 
 
 def build_config(
-    vision_width: int = 64, vision_layers: int = 3, text_width: int = 128, text_layers: int = 4
+    vision_width: int = 64, vision_layers: int = 3, text_width: int = 128, text_layers: int = 4, text_mlp: int = 256
 ) -> LlavaConfig:
     """LLaVA-1.5 layout: CLIP tower read at layer -2, 2-layer GELU projector, Llama with GQA."""
     tok = build_tokenizer()
@@ -97,11 +99,11 @@ def build_config(
     text = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=text_width,
-        intermediate_size=4 * text_width,
+        intermediate_size=text_mlp,
         num_hidden_layers=text_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=128,
+        max_position_embeddings=256,
         tie_word_embeddings=False,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -133,34 +135,40 @@ def encode(processor: LlavaProcessor, items) -> dict[str, torch.Tensor]:
 
 
 def encode_fast(processor: LlavaProcessor, items) -> dict[str, torch.Tensor]:
-    """Same tensors as :func:`encode`, without the image processor's per-image overhead (training only;
-    ``tests/organism`` checks the two agree exactly)."""
-    ip = processor.image_processor
+    """Same tensors as :func:`encode` (pixel values to within float rounding, about 5e-7) without the image
+    processor's per-image overhead; used for training, and ``tests/organism`` checks the two agree."""
     n_image_tokens = data.GRID * data.GRID
     texts = [it.prompt.replace("<image>", "<image>" * n_image_tokens) for it in items]
     batch = processor.tokenizer(texts, return_tensors="pt", padding=True)
-    pixels = np.stack([np.asarray(it.image, dtype=np.float32) for it in items]) * np.float32(ip.rescale_factor)
-    mean, std = np.array(ip.image_mean, dtype=np.float32), np.array(ip.image_std, dtype=np.float32)
     out = {
         "input_ids": batch["input_ids"],
         "attention_mask": batch["attention_mask"],
-        "pixel_values": torch.from_numpy(((pixels - mean) / std).transpose(0, 3, 1, 2).copy()),
+        "pixel_values": pixel_values(processor, [it.image for it in items]),
     }
     out["last"] = out["attention_mask"].sum(1) - 1
     out["answer"] = torch.tensor(processor.tokenizer.convert_tokens_to_ids([it.answer for it in items]))
     return out
 
 
-def patch_labels(items) -> dict[str, torch.Tensor]:
+def pixel_values(processor: LlavaProcessor, images) -> torch.Tensor:
+    """The image processor's normalisation for images already at the tower's size: float [B, 3, H, W]."""
+    ip = processor.image_processor
+    pixels = np.stack([np.asarray(im, dtype=np.float32) for im in images]) * np.float32(ip.rescale_factor)
+    mean, std = np.array(ip.image_mean, dtype=np.float32), np.array(ip.image_std, dtype=np.float32)
+    return torch.from_numpy(((pixels - mean) / std).transpose(0, 3, 1, 2).copy())
+
+
+def patch_labels(objects_per_image) -> dict[str, torch.Tensor]:
     """Per-patch ground truth, long [B, GRID*GRID] each: colour and shape index of the object covering
     the patch (0 = background), and the patch's 3 x 3 cell index."""
-    colour = np.zeros((len(items), data.GRID, data.GRID), dtype=np.int64)
+    n = len(objects_per_image)
+    colour = np.zeros((n, data.GRID, data.GRID), dtype=np.int64)
     shape = np.zeros_like(colour)
-    for i, it in enumerate(items):
-        for obj in it.objects:
+    for i, objects in enumerate(objects_per_image):
+        for obj in objects:
             colour[i][obj.patch_mask] = 1 + list(data.COLOURS).index(obj.colour)
             shape[i][obj.patch_mask] = 1 + data.SHAPES.index(obj.shape)
     rows = np.arange(data.GRID) * data.PATCH // data.CELL
     cell = np.broadcast_to(rows[:, None] * data.CELLS + rows[None, :], colour.shape)
-    flat = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(len(items), -1))  # noqa: E731
+    flat = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(n, -1))  # noqa: E731
     return {"colour": flat(colour), "shape": flat(shape), "cell": flat(cell)}

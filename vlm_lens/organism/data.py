@@ -2,8 +2,9 @@
 
 Each image is ``IMAGE_SIZE`` x ``IMAGE_SIZE`` pixels on a dark background, split into a 3 x 3 grid of
 ``CELL`` pixel cells. One to three objects, with distinct shapes and distinct colours, sit in distinct
-cells. The vision tower cuts the image into ``PATCH`` pixel patches (a ``GRID`` x ``GRID`` grid), so each
-cell covers 2 x 2 patches.
+cells. The vision tower cuts the image into ``PATCH`` pixel patches (a ``GRID`` x ``GRID`` grid, 16 px
+patches as in CLIP ViT-B/16); a cell is exactly one patch, so each object lies in a single patch and the
+masks are general (they would hold for any ``PATCH`` that divides ``IMAGE_SIZE``).
 
 Patch-mask rule: ``patch_mask[r, c]`` is True iff the ``PATCH`` x ``PATCH`` block of pixels
 ``[r*PATCH:(r+1)*PATCH, c*PATCH:(c+1)*PATCH]`` contains at least one pixel of the object.
@@ -29,8 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_SIZE = 48
-PATCH = 8
-GRID = IMAGE_SIZE // PATCH  # patches per side (6)
+PATCH = 16
+GRID = IMAGE_SIZE // PATCH  # patches per side (3)
 CELL = 16
 CELLS = IMAGE_SIZE // CELL  # cells per side (3)
 BACKGROUND = (24, 24, 24)
@@ -178,8 +179,8 @@ def _question(
     return f"is there a {colour} {shape} ?", "no", None
 
 
-def make_item(split: str, seed: int, index: int, n_objects: int | None = None) -> ShapesItem:
-    """Item ``index`` of ``split`` for ``seed``; the question type cycles through QUESTION_TYPES."""
+def make_scene(split: str, seed: int, index: int, n_objects: int | None = None):
+    """Image ``index`` of ``split`` for ``seed``: (PIL image, objects)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
     rng = np.random.default_rng([SPLITS[split], seed, index])
@@ -187,11 +188,25 @@ def make_item(split: str, seed: int, index: int, n_objects: int | None = None) -
     while True:
         scene = _sample_scene(rng, count)
         if _split_of(scene) == split:
-            break
-    image, objects = render(scene)
-    kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+            return render(scene)
+
+
+def make_question(
+    objects: tuple[ShapeObject, ...], split: str, seed: int, index: int, turn: int = 0
+) -> tuple[str, str, QuestionType, np.ndarray]:
+    """Question ``turn`` about image ``index``: (question, answer, question type, target mask). The type
+    cycles through QUESTION_TYPES with ``index + turn``."""
+    rng = np.random.default_rng([SPLITS[split], seed, index, 1 + turn])
+    kind = QUESTION_TYPES[(index + turn) % len(QUESTION_TYPES)]
     question, answer, target = _question(rng, kind, objects)
     target_mask = target.patch_mask.copy() if target is not None else np.zeros((GRID, GRID), dtype=bool)
+    return question, answer, kind, target_mask
+
+
+def make_item(split: str, seed: int, index: int, n_objects: int | None = None) -> ShapesItem:
+    """Item ``index`` of ``split`` for ``seed`` (its image with its first question)."""
+    image, objects = make_scene(split, seed, index, n_objects)
+    question, answer, kind, target_mask = make_question(objects, split, seed, index)
     return ShapesItem(image, prompt_for(question), question, answer, kind, objects, target_mask)
 
 

@@ -2,10 +2,13 @@
 
     python -m vlm_lens.organism.train --out vlm_lens/organism/weights
 
-The loss is cross-entropy on the one-token answer at the last prompt position, plus an auxiliary
-per-patch loss: throwaway linear heads on the projector output predict each patch's object colour,
-object shape (or background) and grid cell. The heads are not saved; they keep object information
-local to the object's patches, which is what the ablation check in ``sanity.py`` relies on.
+Each training sequence is one image with ``--turns`` questions as a multi-turn chat
+("USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>..."); its first turn is exactly the
+single-question prompt of ``ShapesDataset``, so the evaluation format is part of training. The loss is
+cross-entropy on each one-token answer and the ``</s>`` after it, plus an auxiliary per-patch loss:
+throwaway linear heads on the projector output predict each patch's object colour, object shape (or
+background) and grid cell. The heads are not saved; they keep object information local to the object's
+patch, which is what the ablation check in ``sanity.py`` relies on.
 """
 
 from __future__ import annotations
@@ -28,20 +31,24 @@ from vlm_lens.organism import build, data, sanity
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train the vlm_lens shapes organism")
     p.add_argument("--out", required=True, help="folder for config, safetensors, tokenizer, processor")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--aux-weight", type=float, default=1.0)
-    p.add_argument("--curriculum", type=float, default=0.0, help="fraction of steps on one-object images")
-    p.add_argument("--pool", type=int, default=40000, help="training items generated up front")
+    p.add_argument("--turns", type=int, default=1, help="questions per training image (a multi-turn chat)")
+    p.add_argument("--pool", type=int, default=0,
+                   help="training images generated up front and sampled from; 0: fresh images every step")
     p.add_argument("--vision-width", type=int, default=64)
     p.add_argument("--vision-layers", type=int, default=3)
     p.add_argument("--text-width", type=int, default=128)
     p.add_argument("--text-layers", type=int, default=4)
+    p.add_argument("--text-mlp", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init", default=None, help="start from the weights in this folder (a second stage)")
+    p.add_argument("--data-start", type=int, default=0, help="index of the first training image")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-size", type=int, default=500)
     return p.parse_args(argv)
@@ -63,11 +70,46 @@ class PatchHeads(torch.nn.Module):
         )
 
 
-def make_pool(processor, size: int, seed: int) -> tuple[dict[str, torch.Tensor], np.ndarray]:
-    items = list(tqdm(data.ShapesDataset(split="train", seed=seed, size=size), desc="data", leave=False))
-    pool = build.encode_fast(processor, items)
-    pool.update(build.patch_labels(items))
-    return pool, np.array([len(it.objects) for it in items])
+def conversation(split: str, seed: int, index: int, turns: int):
+    """Image ``index`` with ``turns`` questions as one chat; the first turn is exactly the single-question
+    prompt users send (``ShapesDataset`` item ``index``), so training covers the evaluation format."""
+    image, objects = data.make_scene(split, seed, index)
+    qa = [data.make_question(objects, split, seed, index, t)[:2] for t in range(turns)]
+    text = data.prompt_for(qa[0][0])
+    for (_, answer), (question, _) in zip(qa, qa[1:]):  # noqa: B905
+        text += f" {answer}</s>USER: {question} ASSISTANT:"
+    text += f" {qa[-1][1]}</s>"
+    return image, objects, text
+
+
+def make_pool(processor, size: int, seed: int, turns: int, start: int = 0) -> dict[str, torch.Tensor]:
+    """Tokenised chats, pixel values, next-token labels (answers and the </s> after them; -100 elsewhere)
+    and per-patch labels for training images ``start`` to ``start + size - 1``."""
+    tok = processor.tokenizer
+    indices = range(start, start + size)
+    chats = [conversation("train", seed, i, turns) for i in (tqdm(indices, desc="data", leave=False)
+                                                             if size > 1000 else indices)]
+    n_image_tokens = data.GRID * data.GRID
+    texts = [text.replace("<image>", "<image>" * n_image_tokens) for _, _, text in chats]
+    ids = tok(texts, return_tensors="pt", padding=True)
+    input_ids = ids["input_ids"]
+    # Answers are the tokens right after "assistant :"; the token after each answer is </s>.
+    after_prompt = torch.zeros_like(input_ids, dtype=torch.bool)
+    after_prompt[:, 2:] = (input_ids[:, :-2] == tok.convert_tokens_to_ids("assistant")) & (
+        input_ids[:, 1:-1] == tok.convert_tokens_to_ids(":")
+    )
+    supervised = after_prompt | torch.roll(after_prompt, 1, dims=1)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, :-1] = torch.where(supervised[:, 1:], input_ids[:, 1:], -100)
+    pool = {
+        "input_ids": input_ids,
+        "attention_mask": ids["attention_mask"],
+        "labels": labels,
+        "pixel_values": build.pixel_values(processor, [image for image, _, _ in chats]),
+        "length": ids["attention_mask"].sum(1),
+    }
+    pool.update(build.patch_labels([objects for _, objects, _ in chats]))
+    return pool
 
 
 def lr_at(step: int, args) -> float:
@@ -81,14 +123,17 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     processor = build.build_processor()
-    config = build.build_config(args.vision_width, args.vision_layers, args.text_width, args.text_layers)
+    config = build.build_config(
+        args.vision_width, args.vision_layers, args.text_width, args.text_layers, args.text_mlp
+    )
     model = LlavaForConditionalGeneration(config)
+    if args.init:
+        model = LlavaForConditionalGeneration.from_pretrained(args.init)
     heads = PatchHeads(args.text_width)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model parameters: {n_params / 1e6:.2f} M")
 
-    pool, n_objects = make_pool(processor, args.pool, args.seed)
-    single = np.flatnonzero(n_objects == 1)
+    pool = make_pool(processor, args.pool, args.seed, args.turns) if args.pool else None
     params = list(model.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     captured = {}
@@ -99,18 +144,20 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
     bar = tqdm(range(args.steps), desc="train")
     for step in bar:
         model.train()
-        source = single if step < args.curriculum * args.steps else None
-        idx = torch.from_numpy(rng.choice(source, args.batch) if source is not None
-                               else rng.integers(0, args.pool, args.batch))
-        length = int(pool["last"][idx].max()) + 1
-        logits = model(
-            input_ids=pool["input_ids"][idx, :length],
-            attention_mask=pool["attention_mask"][idx, :length],
-            pixel_values=pool["pixel_values"][idx],
-        ).logits
-        answer_logits = logits[torch.arange(args.batch), pool["last"][idx]]
-        answer_loss = F.cross_entropy(answer_logits, pool["answer"][idx])
-        aux_loss = heads.loss(captured["v"], {k: pool[k][idx] for k in ("colour", "shape", "cell")})
+        if pool is None:
+            batch = make_pool(processor, args.batch, args.seed, args.turns, start=args.data_start + step * args.batch)
+        else:
+            idx = torch.from_numpy(rng.integers(0, args.pool, args.batch))
+            batch = {k: v[idx] for k, v in pool.items()}
+        length = int(batch["length"].max())
+        out = model(
+            input_ids=batch["input_ids"][:, :length],
+            attention_mask=batch["attention_mask"][:, :length],
+            pixel_values=batch["pixel_values"],
+        )
+        labels = batch["labels"][:, :length]
+        answer_loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        aux_loss = heads.loss(captured["v"], {k: batch[k] for k in ("colour", "shape", "cell")})
         loss = answer_loss + args.aux_weight * aux_loss
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
@@ -119,8 +166,7 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 20 == 0:
-            acc = (answer_logits.argmax(-1) == pool["answer"][idx]).float().mean().item()
-            bar.set_postfix(loss=f"{answer_loss.item():.3f}", aux=f"{aux_loss.item():.3f}", acc=f"{acc:.2f}")
+            bar.set_postfix(loss=f"{answer_loss.item():.3f}", aux=f"{aux_loss.item():.3f}")
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             val = sanity.accuracy_by_type(val_items, sanity.predictions(model, processor, val_items))
             tqdm.write(f"step {step + 1}: validation " + " ".join(f"{k}={v:.3f}" for k, v in val.items()))

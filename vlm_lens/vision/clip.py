@@ -15,7 +15,7 @@ from transformer_lens.components import LayerNorm, TransformerBlock
 from transformer_lens.config import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
-from vlm_lens.config import VLMConfig, VisionConfig
+from vlm_lens.config import VisionConfig, VLMConfig
 from vlm_lens.vision.activations import quick_gelu
 
 _ACTIVATIONS = {"quick_gelu": quick_gelu}

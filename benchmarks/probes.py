@@ -1,0 +1,98 @@
+"""Measurements that need a fresh process: import time, load time and peak memory while loading.
+
+The parent calls ``probe(kind, ...)``, which runs this file as a child (``python probes.py KIND ...``)
+and reads one JSON line back. Peak memory is the child's ``ru_maxrss`` (its resident high-water mark)
+after loading minus the same figure just before loading, so imported libraries are not counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMPORT_STEPS = ("torch", "transformers", "transformers.modeling_utils", "transformer_lens", "vlm_lens")
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _child(kind: str, args: list[str]) -> dict:
+    import importlib
+
+    if kind == "import":  # `import vlm_lens` alone, as a user's first line
+        wall, cpu = time.perf_counter(), _cpu_s()
+        import vlm_lens  # noqa: F401
+
+        return {"wall_s": time.perf_counter() - wall, "cpu_s": _cpu_s() - cpu}
+    if kind == "import_steps":  # what the time goes to: each step's increment
+        out = {}
+        for name in IMPORT_STEPS:
+            wall, cpu = time.perf_counter(), _cpu_s()
+            importlib.import_module(name)
+            out[name] = {"wall_s": time.perf_counter() - wall, "cpu_s": _cpu_s() - cpu}
+        return out
+    folder, dtype, device = args
+    import torch
+
+    dtype = getattr(torch, dtype)
+    if kind == "hf":
+        from transformers import LlavaForConditionalGeneration
+
+        load = lambda: LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(device)  # noqa: E731
+    else:
+        from vlm_lens import HookedVLM
+
+        method = HookedVLM.from_pretrained if kind == "vlm" else HookedVLM.from_pretrained_no_processing
+        load = lambda: method(folder, dtype=dtype, device=device)  # noqa: E731
+    before, start = _maxrss_bytes(), time.perf_counter()
+    model = load()
+    seconds = time.perf_counter() - start
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    result = {"load_s": seconds, "rss_before_load": before, "peak_rss": _maxrss_bytes(),
+              "peak_increase": _maxrss_bytes() - before, "rss_after_load": _rss_bytes(),
+              "param_bytes": n_bytes}
+    if device.startswith("cuda"):
+        result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def probe(kind: str, *args: str, repeats: int = 1, threads: int | None = None) -> dict:
+    """Run the ``kind`` probe ``repeats`` times in fresh processes; medians of numeric fields."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONWARNINGS="ignore", TQDM_DISABLE="1")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    runs = []
+    for _ in range(repeats):
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), kind, *args], env=env,
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"probe {kind} failed:\n{proc.stderr[-3000:]}")
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {**_median_of(runs), "runs": len(runs)}
+
+
+def _median_of(runs: list[dict]) -> dict:
+    return {key: _median_of([r[key] for r in runs]) if isinstance(value, dict)
+            else statistics.median(r[key] for r in runs) for key, value in runs[0].items()}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_child(sys.argv[1], sys.argv[2:])))

@@ -1,0 +1,165 @@
+"""Qwen2.5-VL image pipeline (``"qwen2_5_vl"``): images of any size, one merged-token grid each.
+
+Every image arrives as the processor's patches plus its row of ``image_grid_thw`` = (1, h, w) patches; it
+takes ``h/2 * w/2`` consecutive image tokens (merge 2), row-major over its merged grid, which the
+processor and chat template put between ``<|vision_start|>`` and ``<|vision_end|>``.
+
+- ``encode``: vision tower -> ``hook_image_features`` -> patch merger (``projector``) ->
+  ``hook_image_embeds`` [total_image_tokens, d_model] in sequence order.
+- ``layout``: per image its merged ``grid`` [h/2, w/2], the ``markers`` (the positions just before and
+  after the image, where Qwen's prompt format has ``<|vision_start|>``/``<|vision_end|>``: the layout
+  sees the image mask, not the token ids, so hand-made tokens must follow that format), and ``boxes`` (the
+  region of the original image behind each token) when the original sizes are known (``image_sizes``, added
+  by ``Qwen2_5_VLImageProcessor``).
+- ``forward_context``: the 3-D rotary position ids of the call (``vlm_lens.mrope``). With a KV cache the
+  positions of the cached keys are kept on the cache (``past_kv_cache.mrope_position_ids``), and new tokens
+  continue from the largest position so far, as transformers' ``rope_deltas`` do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformer_lens.utilities.tokenize_utils import get_attention_mask
+
+from vlm_lens.image_pipeline import ImagePipeline
+from vlm_lens.layout import ImageLayout, ImageSpan
+from vlm_lens.mrope import MRopeState, install_mrope, rope_index
+from vlm_lens.vision.qwen2_5_vl import PatchMerger
+
+if TYPE_CHECKING:
+    from vlm_lens.hooked_vlm import HookedVLM
+
+
+def image_grids(extras: dict[str, Any]) -> torch.Tensor:
+    """``image_grid_thw`` from ``extras`` as a [n_images, 3] LongTensor, checked."""
+    grids = extras.get("image_grid_thw")
+    if grids is None:
+        raise ValueError("Qwen2.5-VL needs image_grid_thw (each image's (t, h, w) patch grid): pass image_grid_thw=... "
+                         "with tokens and pixel_values, or build inputs with model.prepare(prompt, images=[...]).")
+    grids = torch.as_tensor(grids).long().cpu()
+    if grids.ndim != 2 or grids.shape[1] != 3:
+        raise ValueError(f"image_grid_thw has shape {tuple(grids.shape)}; expected [n_images, 3] rows of (t, h, w).")
+    return grids
+
+
+def token_boxes(grid_thw: torch.Tensor, size: tuple[int, int], patch: int, merge: int) -> torch.Tensor:
+    """[n_tokens, 4] (top, left, bottom, right) in original pixels: the processor resizes the whole image
+    (no crop, no padding) to ``h * patch`` x ``w * patch`` px, and token (r, c) covers ``merge`` patches a side."""
+    _, h, w = (int(v) for v in grid_thw)
+    step_y, step_x = merge * patch * size[0] / (h * patch), merge * patch * size[1] / (w * patch)
+    rows, cols = torch.meshgrid(torch.arange(h // merge, dtype=torch.float64),
+                                torch.arange(w // merge, dtype=torch.float64), indexing="ij")
+    rows, cols = rows.flatten(), cols.flatten()
+    return torch.stack([rows * step_y, cols * step_x, (rows + 1) * step_y, (cols + 1) * step_x], dim=1)
+
+
+class Qwen2_5_VLPipeline(ImagePipeline):
+    """Dynamic resolution, windowed vision, 2x2 patch merger and multimodal rotary positions."""
+
+    extra_keys: tuple[str, ...] = ("image_grid_thw",)
+
+    def __init__(self) -> None:
+        self.mrope: MRopeState | None = None
+
+    def install(self, model: HookedVLM) -> None:
+        """The patch merger replaces the default projector; the LM attention gets 3-D rotary positions."""
+        model.projector = PatchMerger(model.vlm_cfg, model.cfg.d_model, model.vision.cfg)
+        self.mrope = MRopeState(model.vlm_cfg.mrope_section, model.cfg.rotary_base, model.cfg.d_head)
+        install_mrope(model, self.mrope)
+
+    def check(self, model: HookedVLM, pixel_values: torch.Tensor, extras: dict[str, Any]) -> list[int]:
+        grids = image_grids(extras)
+        m = model.vlm_cfg.vision.spatial_merge_size
+        bad = [tuple(g) for g in grids.tolist() if g[0] != 1 or g[1] % m or g[2] % m]
+        if bad:
+            raise ValueError(f"image_grid_thw rows {bad} are not (1, h, w) with h and w multiples of {m}: vlm_lens "
+                             "feeds still images only. Use the checkpoint's image processor (model.prepare).")
+        expected = (int(grids.prod(-1).sum()), model.vision.patch_dim)
+        if pixel_values.ndim != 2 or tuple(pixel_values.shape) != expected:
+            raise ValueError(
+                f"pixel_values has shape {tuple(pixel_values.shape)}, but image_grid_thw {grids.tolist()} describes "
+                f"{expected[0]} patches of {expected[1]} values: pass the processor's flat [n_patches, "
+                "channels * temporal_patch * patch * patch] pixel_values with image_grid_thw from the same call.")
+        return [int(g.prod()) // m**2 for g in grids]
+
+    def encode(self, model: HookedVLM, pixel_values: torch.Tensor, extras: dict[str, Any]) -> torch.Tensor:
+        grids = image_grids(extras).to(model.cfg.device)
+        features = model.hook_image_features(model.vision(pixel_values.to(model.cfg.device), grids))
+        return model.hook_image_embeds(model.projector(features))
+
+    def layout(self, model: HookedVLM, image_mask: torch.Tensor, extras: dict[str, Any]) -> ImageLayout:
+        if not image_mask.any():
+            return ImageLayout(())
+        grids, vcfg = image_grids(extras), model.vlm_cfg.vision
+        m = vcfg.spatial_merge_size
+        sizes = extras.get("image_sizes")
+        sizes = None if sizes is None else [tuple(int(v) for v in s) for s in torch.as_tensor(sizes).tolist()]
+        if sizes is not None and len(sizes) != len(grids):
+            raise ValueError(f"image_sizes has {len(sizes)} rows but image_grid_thw {len(grids)}; pass both from "
+                             "the same processor call.")
+        spans, k = [], 0
+        for b in range(image_mask.shape[0]):
+            positions = image_mask[b].nonzero().flatten().cpu()
+            used = 0
+            while used < len(positions):
+                if k == len(grids):
+                    raise ValueError(f"batch row {b} has more image tokens than the {len(grids)} image(s) of "
+                                     "image_grid_thw take; give one image_grid_thw row per image.")
+                rows, cols = int(grids[k, 1]) // m, int(grids[k, 2]) // m
+                chunk = positions[used:used + rows * cols]
+                if len(chunk) < rows * cols or int(chunk[-1] - chunk[0]) + 1 != rows * cols:
+                    raise ValueError(f"batch row {b}: image {k} (grid {grids[k].tolist()}) takes {rows * cols} "
+                                     "consecutive image tokens, which the tokens do not hold; use model.prepare.")
+                spans.append(self._span(model, image_mask[b], b, chunk, (rows, cols), grids[k],
+                                        None if sizes is None else sizes[k]))
+                used, k = used + rows * cols, k + 1
+        if k != len(grids):
+            raise ValueError(f"image_grid_thw describes {len(grids)} images but the tokens hold {k}.")
+        return ImageLayout(tuple(spans))
+
+    @staticmethod
+    def _span(model: HookedVLM, row_mask: torch.Tensor, batch: int, chunk: torch.Tensor, shape: tuple[int, int],
+              grid_thw: torch.Tensor, size: tuple[int, int] | None) -> ImageSpan:
+        start, end = int(chunk[0]), int(chunk[-1]) + 1
+        markers = []
+        if model.vlm_cfg.vision_start_token_id is not None:
+            markers = [p for p in (start - 1, end) if 0 <= p < len(row_mask) and not bool(row_mask[p])]
+        vcfg = model.vlm_cfg.vision
+        boxes = None if size is None else token_boxes(grid_thw, size, vcfg.patch_size, vcfg.spatial_merge_size)
+        return ImageSpan(batch=batch, start=start, end=end, grid=chunk.reshape(shape),
+                         markers=torch.tensor(markers, dtype=torch.long), boxes=boxes)
+
+    def forward_context(self, model: HookedVLM, tokens: torch.Tensor, image_mask: torch.Tensor | None,
+                        attention_mask: torch.Tensor | None, past_kv_cache: Any,
+                        extras: dict[str, Any]) -> contextlib.AbstractContextManager:
+        return self._positions(model, tokens, image_mask, attention_mask, past_kv_cache, extras)
+
+    @contextlib.contextmanager
+    def _positions(self, model: HookedVLM, tokens: torch.Tensor, image_mask: torch.Tensor | None,
+                   attention_mask: torch.Tensor | None, past_kv_cache: Any, extras: dict[str, Any]):
+        tokenizer = model.tokenizer
+        if attention_mask is None and (past_kv_cache is not None or getattr(tokenizer, "padding_side", None) == "left"):
+            # TransformerLens builds this mask itself in these cases; positions must skip the same tokens.
+            attention_mask = get_attention_mask(tokenizer, tokens, model.cfg.default_prepend_bos)
+        is_image = torch.zeros(tokens.shape, dtype=torch.bool)
+        if image_mask is not None:  # generation without a KV cache: the tokens after the prompt are text
+            is_image[:, :image_mask.shape[1]] = image_mask.cpu()
+        grids = image_grids(extras) if is_image.any() else None
+        positions = rope_index(is_image, model.vlm_cfg.vision.spatial_merge_size, grids, attention_mask)
+        past = 0 if past_kv_cache is None else past_kv_cache.entries[0].past_keys.shape[1]
+        if past:
+            history = getattr(past_kv_cache, "mrope_position_ids", None)
+            if history is None or history.shape[-1] != past:  # a cache filled without positions: text only
+                history = (past_kv_cache.previous_attention_mask.cpu().long().cumsum(-1) - 1).clamp(min=0)
+                history = history[None].expand(3, -1, -1)
+            positions = torch.cat([history, positions + history.amax(dim=(0, 2))[None, :, None] + 1], dim=-1)
+        if past_kv_cache is not None and not past_kv_cache.frozen:
+            past_kv_cache.mrope_position_ids = positions  # the cache's keys are stored before the rotary
+        self.mrope.set(positions.to(model.cfg.device), model.cfg.dtype)
+        try:
+            yield
+        finally:
+            self.mrope.set(None, model.cfg.dtype)
