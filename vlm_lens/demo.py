@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -59,17 +60,16 @@ def _ground_truth_scores(model: Any, n_eval: int) -> dict[str, Any]:
                                                             images=[[it.image] for it in mean_items])])
     last = None
 
-    def object_pos(inputs, batch, buffer=1):
+    # Organism objects fill exactly one patch each, so their masks need no buffer (see the tests).
+    def object_pos(inputs, batch, buffer=0):
         return [analysis.object_positions(inputs.layout, b, it.target_mask, buffer=buffer) for b, it in enumerate(batch)]
 
-    def random_pos(inputs, batch, buffer=1):
+    def random_pos(inputs, batch, buffer=0):
         out = []
         for b, it in enumerate(batch):
             n = len(analysis.object_positions(inputs.layout, b, it.target_mask, buffer=buffer))
-            occupied = torch.zeros_like(torch.as_tensor(it.target_mask))
-            for obj in it.objects:
-                occupied |= torch.as_tensor(obj.patch_mask)
-            out.append(analysis.random_image_positions(inputs.layout, b, n, seed=b, exclude=analysis.dilate(occupied, 1)))
+            occupied = np.any([obj.patch_mask for obj in it.objects], axis=0)
+            out.append(analysis.background_positions(inputs.layout, b, n, occupied, seed=b))
         return out
 
     def ablate(select):
@@ -79,11 +79,11 @@ def _ground_truth_scores(model: Any, n_eval: int) -> dict[str, Any]:
         def hooks(inputs, batch):
             nonlocal last
             last = inputs.tokens.shape[1] - 1
-            return analysis.knockout_hooks([last], select(inputs, batch, buffer=0), "all", n_layers=model.cfg.n_layers)
+            return analysis.knockout_hooks([last], select(inputs, batch), "all", n_layers=model.cfg.n_layers)
         return hooks
 
     base = analysis.evaluate(model, items)
-    runs = {"ablate object (+1 buffer)": ablate(object_pos), "ablate random background": ablate(random_pos),
+    runs = {"ablate object": ablate(object_pos), "ablate random background": ablate(random_pos),
             "knock out answer->object": knockout(object_pos), "knock out answer->background": knockout(random_pos)}
     scores = {"baseline": base.accuracy}
     for name, hooks in tqdm(runs.items(), desc="ground-truth checks", leave=False):

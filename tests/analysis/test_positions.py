@@ -1,6 +1,7 @@
 import torch
 
 from vlm_lens.analysis import (
+    background_positions,
     dilate,
     high_norm_positions,
     object_positions,
@@ -49,3 +50,14 @@ def test_vision_positions_skip_cls():
     mask = torch.zeros(4, 4, dtype=torch.bool)
     mask[1, 2] = True
     assert vision_positions(4, mask).tolist() == [1 + 4 + 2]
+
+
+def test_background_positions_keep_a_margin_when_they_can(one):
+    occupied = torch.zeros(4, 4, dtype=torch.bool)
+    occupied[0, 0] = True
+    pos = background_positions(one.layout, 0, 3, occupied, seed=0)
+    mask = one.layout.positions_to_mask(0, pos)
+    assert mask.sum() == 3 and not (mask & dilate(occupied, 1)).any()
+    crowded = torch.ones(4, 4, dtype=torch.bool)
+    crowded[3, 3] = False
+    assert one.layout.positions_to_mask(0, background_positions(one.layout, 0, 1, crowded))[3, 3]

@@ -65,7 +65,12 @@ def test_image_placeholder_is_one_token_before_a_newline():
 
 def test_chat_template_gives_the_training_prompt():
     processor = build.build_processor()
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the circle ?"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "what colour is the circle ?"}],
+        }
+    ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text == prompt_for("what colour is the circle ?")
 
@@ -87,7 +92,9 @@ def test_masks_match_drawn_pixels(n_objects):
             union |= obj.pixel_mask
             for r in range(data.GRID):
                 for c in range(data.GRID):
-                    block = obj.pixel_mask[r * data.PATCH : (r + 1) * data.PATCH, c * data.PATCH : (c + 1) * data.PATCH]
+                    block = obj.pixel_mask[
+                        r * data.PATCH : (r + 1) * data.PATCH, c * data.PATCH : (c + 1) * data.PATCH
+                    ]
                     assert obj.patch_mask[r, c] == bool(block.any())
             colours = pixels[obj.pixel_mask]
             assert (np.abs(colours.astype(int) - data.COLOURS[obj.colour]) <= 15).all()

@@ -1,4 +1,8 @@
-"""The shipped organism folder loads with plain transformers and answers held-out items."""
+"""The shipped organism folder loads with plain transformers and answers held-out items.
+
+The accuracy floors below are the shipped model's measured level minus a margin (see
+vlm_lens/organism/README.md); raise them when better weights are shipped.
+"""
 
 import pytest
 import torch
@@ -6,6 +10,9 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vlm_lens import organism
 from vlm_lens.organism import build, sanity
+
+ONE_OBJECT_FLOOR = 0.95  # with one object every question type is answerable without binding
+OVERALL_FLOOR = 0.95
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +45,19 @@ def test_processor_matches_training_encoding(shipped):
 
 
 @torch.no_grad()
-def test_answers_held_out_items_one_by_one(shipped):
+def test_answers_one_object_items_one_by_one(shipped):
     model, processor = shipped
     tok = processor.tokenizer
-    for item in organism.ShapesDataset(split="test", seed=0, size=16):
+    items = list(organism.ShapesDataset(split="test", seed=0, size=24, n_objects=1))
+    correct = 0
+    for item in items:
         inputs = processor(text=item.prompt, images=[item.image], return_tensors="pt")
         logits = model(**inputs).logits[0, -1]
-        assert tok.convert_ids_to_tokens(int(logits.argmax())) == item.answer, item.prompt
+        correct += tok.convert_ids_to_tokens(int(logits.argmax())) == item.answer
+    assert correct / len(items) >= ONE_OBJECT_FLOOR
 
 
 def test_batched_accuracy_on_held_out_items(shipped):
     model, processor = shipped
     items = list(organism.ShapesDataset(split="test", seed=0, size=80))
-    assert sanity.predictions(model, processor, items).mean() >= 0.9
+    assert sanity.predictions(model, processor, items).mean() >= OVERALL_FLOOR

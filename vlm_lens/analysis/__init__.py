@@ -23,6 +23,7 @@ from vlm_lens.analysis.patching import (
     patch_image_positions,
 )
 from vlm_lens.analysis.positions import (
+    background_positions,
     dilate,
     high_norm_positions,
     object_positions,
@@ -31,7 +32,7 @@ from vlm_lens.analysis.positions import (
 )
 
 __all__ = [
-    "EvalResult", "GridPatchingResult", "LogitLensResult", "PAPER_WINDOWS", "answer_prob_metric", "answer_token",
+    "EvalResult", "GridPatchingResult", "LogitLensResult", "PAPER_WINDOWS", "answer_prob_metric", "answer_token", "background_positions",
     "compare", "dilate", "embed_ablation_hooks", "evaluate", "high_norm_positions", "hit_rate",
     "image_ablation_hooks", "image_token_attribution", "knockout_hooks", "layer_window", "load_mean",
     "logit_diff_metric", "logit_lens", "logit_target", "mean_visual_token", "normalised", "object_positions",

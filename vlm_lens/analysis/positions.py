@@ -5,6 +5,7 @@ Every selector returns a LongTensor of sequence positions in one batch row (``la
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Int
@@ -12,7 +13,7 @@ from jaxtyping import Bool, Int
 from vlm_lens.layout import ImageLayout
 
 
-def dilate(mask: Bool[torch.Tensor, "rows cols"], buffer: int) -> Bool[torch.Tensor, "rows cols"]:
+def dilate(mask: Bool[torch.Tensor, "rows cols"] | np.ndarray, buffer: int) -> Bool[torch.Tensor, "rows cols"]:
     """Grow a patch mask by ``buffer`` cells in all 8 directions (a square structuring element)."""
     mask = torch.as_tensor(mask, dtype=torch.bool)
     if buffer < 0:
@@ -23,14 +24,14 @@ def dilate(mask: Bool[torch.Tensor, "rows cols"], buffer: int) -> Bool[torch.Ten
     return grown[0, 0].bool()
 
 
-def object_positions(layout: ImageLayout, image: int, patch_mask: torch.Tensor, buffer: int = 0
+def object_positions(layout: ImageLayout, image: int, patch_mask: torch.Tensor | np.ndarray, buffer: int = 0
                      ) -> Int[torch.Tensor, "n"]:
     """Positions of an object's patches (``patch_mask`` on the image's grid), grown by ``buffer`` cells."""
     return layout.mask_to_positions(image, dilate(torch.as_tensor(patch_mask), buffer))
 
 
 def random_image_positions(layout: ImageLayout, image: int, n: int, *, seed: int = 0,
-                           exclude: torch.Tensor | None = None) -> Int[torch.Tensor, "n"]:
+                           exclude: torch.Tensor | np.ndarray | None = None) -> Int[torch.Tensor, "n"]:
     """``n`` distinct grid positions of the image drawn with a fixed seed, avoiding ``exclude`` (a mask)."""
     grid = layout.grid(image)
     allowed = torch.ones_like(grid, dtype=torch.bool)
@@ -41,6 +42,16 @@ def random_image_positions(layout: ImageLayout, image: int, n: int, *, seed: int
         raise ValueError(f"asked for {n} random positions but only {len(candidates)} cells are allowed.")
     order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))
     return candidates[order[:n]].sort().values
+
+
+def background_positions(layout: ImageLayout, image: int, n: int, occupied: torch.Tensor | np.ndarray, *,
+                         margin: int = 1, seed: int = 0) -> Int[torch.Tensor, "n"]:
+    """``n`` random cells away from every object: outside ``occupied`` grown by ``margin`` cells, or, when
+    that leaves fewer than ``n`` cells, merely outside ``occupied``."""
+    occupied = torch.as_tensor(occupied, dtype=torch.bool)
+    grown = dilate(occupied, margin)
+    exclude = grown if int((~grown).sum()) >= n else occupied
+    return random_image_positions(layout, image, n, seed=seed, exclude=exclude)
 
 
 def high_norm_positions(layout: ImageLayout, image: int, activations: torch.Tensor, *, n_std: float = 2.0
@@ -55,7 +66,7 @@ def high_norm_positions(layout: ImageLayout, image: int, activations: torch.Tens
     return grid[norms > threshold].sort().values
 
 
-def vision_positions(grid_size: int, patch_mask: torch.Tensor, has_class_token: bool = True
+def vision_positions(grid_size: int, patch_mask: torch.Tensor | np.ndarray, has_class_token: bool = True
                      ) -> Int[torch.Tensor, "n"]:
     """Token indices inside the vision tower (CLS first when present) of the patches in ``patch_mask``."""
     flat = torch.as_tensor(patch_mask, dtype=torch.bool).reshape(-1).nonzero().flatten()

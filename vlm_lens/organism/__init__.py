@@ -2,7 +2,7 @@
 
 >>> from vlm_lens import organism
 >>> item = organism.ShapesDataset(split="test", seed=0, size=10)[0]
->>> item.prompt.startswith("USER: <image>")
+>>> item.prompt.endswith("<image> ASSISTANT:")
 True
 """
 

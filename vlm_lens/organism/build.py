@@ -25,13 +25,17 @@ WORDS = (
     "user", "assistant", ":", "?", "what", "colour", "shape", "is", "the", "object", "at", "there", "a",
     *data.ANSWERS, "top", "middle", "bottom", "left", "right", "centre",
 )  # fmt: skip
-# "USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT:" -- the multi-turn format used in training.
+# "USER: q1\n<image> ASSISTANT: a1</s>USER: q2 ASSISTANT:" -- the question comes before the image, so the
+# image tokens can attend to it (the format the shipped weights were trained on). Text parts are written
+# before image parts whatever their order in the message, so chat=True gives the trained format.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}USER: {% else %} ASSISTANT: {% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>\n{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '\\n' }}<image>{% endif %}"
     "{% endfor %}{% endif %}"
     "{% if message['role'] != 'user' %}</s>{% endif %}"
     "{% endfor %}"
@@ -82,7 +86,11 @@ def build_processor() -> LlavaProcessor:
 
 
 def build_config(
-    vision_width: int = 64, vision_layers: int = 3, text_width: int = 128, text_layers: int = 4, text_mlp: int = 256
+    vision_width: int = 64,
+    vision_layers: int = 3,
+    text_width: int = 128,
+    text_layers: int = 4,
+    text_mlp: int = 256,
 ) -> LlavaConfig:
     """LLaVA-1.5 layout: CLIP tower read at layer -2, 2-layer GELU projector, Llama with GQA."""
     tok = build_tokenizer()

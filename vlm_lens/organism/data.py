@@ -82,8 +82,12 @@ class ShapesItem:
 
 
 def prompt_for(question: str) -> str:
-    """The chat prompt the organism was trained on, with one ``<image>`` placeholder."""
-    return f"USER: <image>\n{question} ASSISTANT:"
+    """The chat prompt the organism was trained on: the question, then the ``<image>`` placeholder.
+
+    The question comes first so the image tokens can attend to it; with the image first, binding a
+    shape to its colour did not emerge in training (see README.md).
+    """
+    return f"USER: {question}\n<image> ASSISTANT:"
 
 
 def position_name(cell: tuple[int, int]) -> str:

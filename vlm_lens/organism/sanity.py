@@ -42,8 +42,9 @@ def replace_visual_tokens(model, mask: torch.Tensor | None, value: torch.Tensor 
 
 
 @torch.no_grad()
-def predictions(model, processor, items: Sequence, masks: torch.Tensor | None = None, value=None,
-                batch_size: int = 100) -> np.ndarray:
+def predictions(
+    model, processor, items: Sequence, masks: torch.Tensor | None = None, value=None, batch_size: int = 100
+) -> np.ndarray:
     """Bool [len(items)]: whether the argmax at the last prompt position is the answer token."""
     model.eval()
     correct = []

@@ -3,7 +3,7 @@
     python -m vlm_lens.organism.train --out vlm_lens/organism/weights
 
 Each training sequence is one image with ``--turns`` questions as a multi-turn chat
-("USER: <image>\nq1 ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>..."); its first turn is exactly the
+("USER: q1\n<image> ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>..."); its first turn is exactly the
 single-question prompt of ``ShapesDataset``, so the evaluation format is part of training. The loss is
 cross-entropy on each one-token answer and the ``</s>`` after it, plus an auxiliary per-patch loss:
 throwaway linear heads on the projector output predict each patch's object colour, object shape (or
@@ -31,15 +31,19 @@ from vlm_lens.organism import build, data, sanity
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train the vlm_lens shapes organism")
     p.add_argument("--out", required=True, help="folder for config, safetensors, tokenizer, processor")
-    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--aux-weight", type=float, default=1.0)
     p.add_argument("--turns", type=int, default=1, help="questions per training image (a multi-turn chat)")
-    p.add_argument("--pool", type=int, default=0,
-                   help="training images generated up front and sampled from; 0: fresh images every step")
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=0,
+        help="training images generated up front and sampled from; 0: fresh images every step",
+    )
     p.add_argument("--vision-width", type=int, default=64)
     p.add_argument("--vision-layers", type=int, default=3)
     p.add_argument("--text-width", type=int, default=128)
@@ -49,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init", default=None, help="start from the weights in this folder (a second stage)")
     p.add_argument("--data-start", type=int, default=0, help="index of the first training image")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--eval-every", type=int, default=500)
-    p.add_argument("--eval-size", type=int, default=500)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-size", type=int, default=300)
     return p.parse_args(argv)
 
 
@@ -87,8 +91,10 @@ def make_pool(processor, size: int, seed: int, turns: int, start: int = 0) -> di
     and per-patch labels for training images ``start`` to ``start + size - 1``."""
     tok = processor.tokenizer
     indices = range(start, start + size)
-    chats = [conversation("train", seed, i, turns) for i in (tqdm(indices, desc="data", leave=False)
-                                                             if size > 1000 else indices)]
+    chats = [
+        conversation("train", seed, i, turns)
+        for i in (tqdm(indices, desc="data", leave=False) if size > 1000 else indices)
+    ]
     n_image_tokens = data.GRID * data.GRID
     texts = [text.replace("<image>", "<image>" * n_image_tokens) for _, _, text in chats]
     ids = tok(texts, return_tensors="pt", padding=True)
@@ -145,7 +151,9 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
     for step in bar:
         model.train()
         if pool is None:
-            batch = make_pool(processor, args.batch, args.seed, args.turns, start=args.data_start + step * args.batch)
+            batch = make_pool(
+                processor, args.batch, args.seed, args.turns, start=args.data_start + step * args.batch
+            )
         else:
             idx = torch.from_numpy(rng.integers(0, args.pool, args.batch))
             batch = {k: v[idx] for k, v in pool.items()}
