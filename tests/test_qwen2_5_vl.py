@@ -219,3 +219,9 @@ def test_mrope_attention_is_grouped_query_attention(model):
     assert isinstance(model.blocks[0].attn, GroupedQueryAttention)
     assert {"blocks.0.attn.hook_rot_q", "blocks.0.attn.hook_rot_k", "vision.blocks.0.attn.hook_rot_q"} <= set(
         model.hook_dict)
+
+
+def test_start_at_layer_is_refused_rather_than_silently_wrong(model, batch):
+    resid = torch.zeros(*batch.tokens.shape, model.cfg.d_model)
+    with pytest.raises(ValueError, match="start_at_layer"):
+        model(resid, start_at_layer=1)

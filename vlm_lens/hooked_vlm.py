@@ -197,6 +197,12 @@ class HookedVLM(HookedTransformer):
                 kwargs["attention_mask"] = input.attention_mask
             input = input.tokens
         if kwargs.get("start_at_layer") is not None:
+            if not self.pipeline.supports_start_at_layer:
+                raise ValueError(
+                    f"start_at_layer is not supported for {self.vlm_cfg.architecture}: its rotary positions are "
+                    "computed from the whole input. Patch the residual with a hook on "
+                    "blocks.{l}.hook_resid_pre instead."
+                )
             return super().forward(input, *args, **kwargs)
         if isinstance(input, (str, list)):
             input = self.to_tokens(input)

@@ -23,6 +23,9 @@ class ImagePipeline:
     """Interface. ``extras`` holds the per-architecture inputs (e.g. ``image_sizes``)."""
 
     extra_keys: tuple[str, ...] = ()
+    # False where the LM's positions come from the pipeline (e.g. M-RoPE), which a residual passed in
+    # with start_at_layer cannot carry.
+    supports_start_at_layer: bool = True
 
     def check(self, model: HookedVLM, pixel_values: torch.Tensor, extras: dict[str, Any]) -> list[int]:
         """Validate the pixels and return the number of sequence tokens each image takes."""

@@ -60,6 +60,7 @@ class Qwen2_5_VLPipeline(ImagePipeline):
     """Dynamic resolution, windowed vision, 2x2 patch merger and multimodal rotary positions."""
 
     extra_keys: tuple[str, ...] = ("image_grid_thw",)
+    supports_start_at_layer = False
 
     def __init__(self) -> None:
         self.mrope: MRopeState | None = None
