@@ -11,9 +11,10 @@ from vlm_lens.config import VisionConfig, VLMConfig
 from vlm_lens.conversion.checks import require_exact_keys
 
 
-def clip_vision_config(hf_vision: Any) -> VisionConfig:
+def vit_vision_config(hf_vision: Any, family: str, has_class_token: bool) -> VisionConfig:
+    """``VisionConfig`` from an HF ViT-style vision config (CLIP and SigLIP share these field names)."""
     return VisionConfig(
-        family="clip",
+        family=family,
         d_model=hf_vision.hidden_size,
         n_heads=hf_vision.num_attention_heads,
         d_mlp=hf_vision.intermediate_size,
@@ -23,8 +24,12 @@ def clip_vision_config(hf_vision: Any) -> VisionConfig:
         eps=hf_vision.layer_norm_eps,
         act_fn=hf_vision.hidden_act,
         n_channels=hf_vision.num_channels,
-        has_class_token=True,
+        has_class_token=has_class_token,
     )
+
+
+def clip_vision_config(hf_vision: Any) -> VisionConfig:
+    return vit_vision_config(hf_vision, "clip", has_class_token=True)
 
 
 def _attention(sd: dict[str, torch.Tensor], src: str, dst: str, n_heads: int) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 
 from vlm_lens.config import VisionConfig, VLMConfig
 from vlm_lens.conversion.checks import require_exact_keys
-from vlm_lens.conversion.clip import _attention  # SigLIP's attention weights are laid out as CLIP's
+from vlm_lens.conversion.clip import _attention, vit_vision_config  # SigLIP's layout is CLIP's
 
 
 def siglip_vision_config(hf_vision: Any) -> VisionConfig:
@@ -18,19 +18,7 @@ def siglip_vision_config(hf_vision: Any) -> VisionConfig:
                 f"SigLIP {name}={getattr(hf_vision, name)!r}: vlm_lens supports square tiles and patches only "
                 "(an int)."
             )
-    return VisionConfig(
-        family="siglip",
-        d_model=hf_vision.hidden_size,
-        n_heads=hf_vision.num_attention_heads,
-        d_mlp=hf_vision.intermediate_size,
-        n_layers=hf_vision.num_hidden_layers,
-        image_size=hf_vision.image_size,
-        patch_size=hf_vision.patch_size,
-        eps=hf_vision.layer_norm_eps,
-        act_fn=hf_vision.hidden_act,
-        n_channels=hf_vision.num_channels,
-        has_class_token=False,
-    )
+    return vit_vision_config(hf_vision, "siglip", has_class_token=False)
 
 
 def convert_siglip_vision(vision_model: torch.nn.Module, cfg: VLMConfig) -> dict[str, torch.Tensor]:
