@@ -2,11 +2,12 @@
 
 The parent calls ``probe(kind, ...)``, which runs this file as a child (``python probes.py KIND ...``)
 and reads one JSON line back. Peak memory is the child's ``ru_maxrss`` (its resident high-water mark)
-after loading minus the same figure just before loading, so imported libraries are not counted.
+after loading minus its resident memory just before loading, so imported libraries are not counted.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import resource
@@ -31,6 +32,17 @@ def _maxrss_bytes() -> int:
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_split() -> dict:
+    """Resident memory after loading, split into anonymous (tensors we own) and file-backed (mmapped
+    checkpoint pages still mapped) parts."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                out[line.split(":")[0].lower() + "_after_load"] = int(line.split()[1]) * 1024
+    return out
 
 
 def _child(kind: str, args: list[str]) -> dict:
@@ -61,13 +73,14 @@ def _child(kind: str, args: list[str]) -> dict:
 
         method = HookedVLM.from_pretrained if kind == "vlm" else HookedVLM.from_pretrained_no_processing
         load = lambda: method(folder, dtype=dtype, device=device)  # noqa: E731
-    before, start = _maxrss_bytes(), time.perf_counter()
+    gc.collect()
+    before, start = _rss_bytes(), time.perf_counter()
     model = load()
     seconds = time.perf_counter() - start
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     result = {"load_s": seconds, "rss_before_load": before, "peak_rss": _maxrss_bytes(),
               "peak_increase": _maxrss_bytes() - before, "rss_after_load": _rss_bytes(),
-              "param_bytes": n_bytes}
+              "param_bytes": n_bytes, **_rss_split()}
     if device.startswith("cuda"):
         result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     return result

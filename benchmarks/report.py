@@ -61,10 +61,12 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
     batch1 = forward.get(1) or forward.get("1")
     if batch1:
         cases = batch1["cases"]
-        _, floor = _floor(cases)
+        floor_name, floor = _floor(cases)
         for label, case, target in FORWARD_TARGETS:
             ratio = cases[case]["median_s"] / floor
-            rows.append((f"{label} / HF floor, batch 1", f"{ratio:.2f}x", f"<= {target}x", ratio <= target))
+            best = cases[case]["min_s"] / cases[floor_name]["min_s"]
+            rows.append((f"{label} / HF floor, batch 1", f"{ratio:.2f}x (min/min {best:.2f}x)", f"<= {target}x",
+                         ratio <= target))
     gen = results["generate"]["cases"]
     hf_best = max(gen["hf_generate_sdpa"]["tokens_per_s"], gen["hf_generate_eager"]["tokens_per_s"])
     ratio = gen["vlm_generate"]["tokens_per_s"] / hf_best
@@ -85,13 +87,14 @@ def _probe_tables(results: dict) -> list[str]:
     lines += [f"| + `import {k}` | {v['wall_s']:.2f} | {v['cpu_s']:.2f} |"
               for k, v in results["import_steps"].items() if isinstance(v, dict)]
     lines += ["", "### Loading from a local folder (fresh process)", "",
-              "| loader | seconds | peak RSS increase MiB | / weight bytes | RSS after MiB |",
+              "| loader | seconds | peak RSS increase MiB | / weight bytes | RSS after MiB (anon + file) |",
               "|---|---:|---:|---:|---:|"]
     names = {"vlm": "HookedVLM.from_pretrained", "vlm_raw": "HookedVLM.from_pretrained_no_processing",
              "hf": "LlavaForConditionalGeneration.from_pretrained"}
     for kind, r in results["load"].items():
         lines.append(f"| {names[kind]} | {r['load_s']:.2f} | {r['peak_increase'] / MB:.0f} | "
-                     f"{r['peak_increase'] / results['weight_bytes']:.2f} | {r['rss_after_load'] / MB:.0f} |")
+                     f"{r['peak_increase'] / results['weight_bytes']:.2f} | {r['rss_after_load'] / MB:.0f} "
+                     f"({r.get('rssanon_after_load', 0) / MB:.0f} + {r.get('rssfile_after_load', 0) / MB:.0f}) |")
     return lines
 
 

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = shape.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--config {shape.name} needs a CUDA GPU (it runs {shape.dtype} on cuda).")
-    rounds = args.rounds or (2 if args.quick else 7)
+    rounds = args.rounds or (2 if args.quick else 11)
     batches = tuple(args.batches or shape.batches)
     n_new = args.new_tokens or (4 if args.quick else 32)
     info = machine_info(device)

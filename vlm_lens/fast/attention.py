@@ -123,6 +123,8 @@ class FastAttentionMixin(AbstractAttention):
                 or position_bias is not None):
             return super().forward(query_input, key_input, value_input, past_kv_cache_entry,
                                    additive_attention_mask, attention_mask, position_bias)
+        if attention_mask is not None and attention_mask.device.type == "cpu" and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the same positions and masking without it (free on CPU)
         q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)
         offset, cached_keys = 0, None
         if past_kv_cache_entry is not None:
@@ -173,8 +175,6 @@ class FastAttentionMixin(AbstractAttention):
         q_len, k_len = q.shape[1], k.shape[1]
         mask, is_causal, empty_rows = None, False, None
         if self._is_causal():
-            if attention_mask is not None and attention_mask.device.type == "cpu" and bool(attention_mask.all()):
-                attention_mask = None  # no padding: no mask tensor (a free check on CPU only)
             if attention_mask is None and self.attn_type == "global" and offset == 0 and q_len == k_len:
                 is_causal = True
             elif attention_mask is not None or self.attn_type != "global" or q_len > 1:
