@@ -58,13 +58,7 @@ def convert_clip_vision(vision_model: torch.nn.Module, cfg: VLMConfig) -> dict[s
         "vision.ln_pre.w": sd["pre_layrnorm.weight"],
         "vision.ln_pre.b": sd["pre_layrnorm.bias"],
     }
-    for i in range(cfg.n_vision_layers_used):
-        src, dst = f"encoder.layers.{i}.", f"vision.blocks.{i}."
-        out.update(_attention(sd, src + "self_attn.", dst + "attn.", vcfg.n_heads))
-        out[dst + "ln1.w"], out[dst + "ln1.b"] = sd[src + "layer_norm1.weight"], sd[src + "layer_norm1.bias"]
-        out[dst + "ln2.w"], out[dst + "ln2.b"] = sd[src + "layer_norm2.weight"], sd[src + "layer_norm2.bias"]
-        out[dst + "mlp.W_in"], out[dst + "mlp.b_in"] = sd[src + "mlp.fc1.weight"].T, sd[src + "mlp.fc1.bias"]
-        out[dst + "mlp.W_out"], out[dst + "mlp.b_out"] = sd[src + "mlp.fc2.weight"].T, sd[src + "mlp.fc2.bias"]
+    out.update(convert_vit_blocks(sd, cfg.n_vision_layers_used, vcfg.n_heads))
     return out
 
 
@@ -74,6 +68,26 @@ def _expected_clip_params(n_layers: int) -> set[str]:
         "embeddings.position_embedding.weight", "pre_layrnorm.weight", "pre_layrnorm.bias",
         "post_layernorm.weight", "post_layernorm.bias",
     }
+    keys |= vit_block_params(n_layers)
+    return keys
+
+
+def convert_vit_blocks(sd: dict[str, torch.Tensor], n_built: int, n_heads: int) -> dict[str, torch.Tensor]:
+    """``vision.blocks.*`` from HF ``encoder.layers.*`` (CLIP and SigLIP lay their blocks out alike)."""
+    out = {}
+    for i in range(n_built):
+        src, dst = f"encoder.layers.{i}.", f"vision.blocks.{i}."
+        out.update(_attention(sd, src + "self_attn.", dst + "attn.", n_heads))
+        out[dst + "ln1.w"], out[dst + "ln1.b"] = sd[src + "layer_norm1.weight"], sd[src + "layer_norm1.bias"]
+        out[dst + "ln2.w"], out[dst + "ln2.b"] = sd[src + "layer_norm2.weight"], sd[src + "layer_norm2.bias"]
+        out[dst + "mlp.W_in"], out[dst + "mlp.b_in"] = sd[src + "mlp.fc1.weight"].T, sd[src + "mlp.fc1.bias"]
+        out[dst + "mlp.W_out"], out[dst + "mlp.b_out"] = sd[src + "mlp.fc2.weight"].T, sd[src + "mlp.fc2.bias"]
+    return out
+
+
+def vit_block_params(n_layers: int) -> set[str]:
+    """HF parameter names of ``n_layers`` CLIP/SigLIP encoder blocks."""
+    keys: set[str] = set()
     for i in range(n_layers):
         p = f"encoder.layers.{i}."
         keys |= {f"{p}self_attn.{x}_proj.{w}" for x in ("q", "k", "v", "out") for w in ("weight", "bias")}

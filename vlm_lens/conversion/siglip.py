@@ -8,7 +8,11 @@ import torch
 
 from vlm_lens.config import VisionConfig, VLMConfig
 from vlm_lens.conversion.checks import require_exact_keys
-from vlm_lens.conversion.clip import _attention, vit_vision_config  # SigLIP's layout is CLIP's
+from vlm_lens.conversion.clip import (  # SigLIP's blocks are laid out as CLIP's
+    convert_vit_blocks,
+    vit_block_params,
+    vit_vision_config,
+)
 
 
 def siglip_vision_config(hf_vision: Any) -> VisionConfig:
@@ -36,13 +40,7 @@ def convert_siglip_vision(vision_model: torch.nn.Module, cfg: VLMConfig) -> dict
         "vision.b_patch": sd["embeddings.patch_embedding.bias"],
         "vision.W_pos": sd["embeddings.position_embedding.weight"],
     }
-    for i in range(cfg.n_vision_layers_used):
-        src, dst = f"encoder.layers.{i}.", f"vision.blocks.{i}."
-        out.update(_attention(sd, src + "self_attn.", dst + "attn.", vcfg.n_heads))
-        out[dst + "ln1.w"], out[dst + "ln1.b"] = sd[src + "layer_norm1.weight"], sd[src + "layer_norm1.bias"]
-        out[dst + "ln2.w"], out[dst + "ln2.b"] = sd[src + "layer_norm2.weight"], sd[src + "layer_norm2.bias"]
-        out[dst + "mlp.W_in"], out[dst + "mlp.b_in"] = sd[src + "mlp.fc1.weight"].T, sd[src + "mlp.fc1.bias"]
-        out[dst + "mlp.W_out"], out[dst + "mlp.b_out"] = sd[src + "mlp.fc2.weight"].T, sd[src + "mlp.fc2.bias"]
+    out.update(convert_vit_blocks(sd, cfg.n_vision_layers_used, vcfg.n_heads))
     return out
 
 
@@ -51,11 +49,7 @@ def _expected_siglip_params(n_layers: int, use_head: bool) -> set[str]:
         "embeddings.patch_embedding.weight", "embeddings.patch_embedding.bias",
         "embeddings.position_embedding.weight", "post_layernorm.weight", "post_layernorm.bias",
     }
-    for i in range(n_layers):
-        p = f"encoder.layers.{i}."
-        keys |= {f"{p}self_attn.{x}_proj.{w}" for x in ("q", "k", "v", "out") for w in ("weight", "bias")}
-        keys |= {f"{p}{m}.{w}" for m in ("layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2")
-                 for w in ("weight", "bias")}
+    keys |= vit_block_params(n_layers)
     if use_head:
         keys |= {"head.probe", "head.attention.in_proj_weight", "head.attention.in_proj_bias",
                  "head.attention.out_proj.weight", "head.attention.out_proj.bias"}
