@@ -1,30 +1,32 @@
 """Loading HF checkpoints into a HookedVLM: strict, and never two full copies of the weights at once.
 
-The HF model is converted into a state dict of views of its tensors; then the HF model is dropped,
-LM weights are processed one tensor at a time (TransformerLens's ProcessWeights), and each tensor is
-assigned into a HookedVLM whose parameters were allocated but never written (so never resident).
+transformers builds the HF model from safetensors read one tensor at a time (``checkpoint.py``); the
+model is converted into a state dict of views of its tensors and dropped; then the weights move into a
+HookedVLM whose parameters were allocated but never written (so never resident): vision and projector
+tensors one at a time, language-model weights one block at a time through TransformerLens's processing
+(``processing.py``). Each source tensor is freed as soon as it has moved, so the peak is about one copy
+of the weights plus one block (benchmarks/results/ has the measured figures).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 from typing import Any
 
 import torch
 from torch import nn
-from transformer_lens.weight_processing import ProcessWeights
 
+from vlm_lens._memory import Trimmer, release_freed_memory
+from vlm_lens.checkpoint import SAFE_INDEX, SAFE_WEIGHTS, load_hf_model, safetensors_files
 from vlm_lens.conversion import architecture_of, get_spec
 from vlm_lens.conversion.checks import require_exact_keys
+from vlm_lens.processing import LM_PREFIXES, folded_config, lm_groups, process_group, processed_keys
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-_FOLDED_NORMS = (".ln1.w", ".ln2.w", "ln_final.w")
-# Only the language model's own weights go through TransformerLens's processing (vision tower,
-# projector and extras such as LLaVA-NeXT's image_newline are left as they are).
-_LM_PREFIXES = ("embed.", "pos_embed.", "blocks.", "ln_final.", "unembed.")
 
 
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -43,15 +45,22 @@ def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, pr
     hf_kwargs.pop("trust_remote_code", None)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **hf_kwargs)
     spec = get_spec(architecture_of(config))
+    files = safetensors_files(name_or_path, **hf_kwargs)
     try:
-        hf_model, info = spec.hf_class().from_pretrained(
-            name_or_path, dtype=dtype, use_safetensors=None if allow_pickle else True,
-            output_loading_info=True, trust_remote_code=False, **hf_kwargs,
-        )
+        if files is not None:
+            hf_model, info = load_hf_model(spec.hf_class(), config, files, dtype, **hf_kwargs)
+        elif allow_pickle:
+            hf_model, info = spec.hf_class().from_pretrained(
+                name_or_path, dtype=dtype, use_safetensors=False, output_loading_info=True,
+                trust_remote_code=False, **hf_kwargs,
+            )
+        else:
+            raise ValueError(
+                f"{name_or_path!r} has no safetensors weights ({SAFE_WEIGHTS} or {SAFE_INDEX}). If the "
+                "checkpoint has only pickle (.bin) weights and you trust it, pass allow_pickle=True."
+            )
     except OSError as err:
-        hint = "" if allow_pickle else (" If the checkpoint has only pickle (.bin) weights and you trust it, "
-                                       "pass allow_pickle=True.")
-        raise ValueError(f"Could not load weights from {name_or_path!r}: {err}.{hint}") from err
+        raise ValueError(f"Could not load weights from {name_or_path!r}: {err}.") from err
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:12]}" for k, v in problems.items())
@@ -79,52 +88,66 @@ def _load_processor(name_or_path: str, load: Any = None, **hf_kwargs: Any) -> An
 
 def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[str, bool],
                   device: Any = None, dtype: Any = None) -> Any:
-    """Convert an HF model. ``hf_model`` may be a one-element list, which is emptied to free it early."""
+    """Convert an HF model. ``hf_model`` may be a one-element list, which is emptied to free it early.
+
+    Weights move into the HookedVLM one tensor (vision, projector) or one block (language model, where
+    processing makes new tensors) at a time; each source tensor is released once it has been moved.
+    """
     holder = hf_model if isinstance(hf_model, list) else [hf_model]
     model = holder[0]
     dtype = resolve_dtype(dtype) or next(model.parameters()).dtype
     device = device or next(model.parameters()).device
     spec = get_spec(architecture_of(model.config) or type(model).__name__)
     cfg, vlm_cfg = spec.build_configs(model.config, dtype, str(device))
-    state = spec.convert_weights(model, cfg, vlm_cfg)
+    with torch.no_grad():  # views without autograd graphs, which would keep HF's parameters alive
+        state = {k: v.detach() for k, v in spec.convert_weights(model, cfg, vlm_cfg).items()}
     del model
     holder.clear()  # from_pretrained's HF model is now only referenced through `state`
-    if any(processing.values()):
-        state = _process_language_weights(state, cfg, processing)
+    gc.collect()  # modules can sit in reference cycles; their tensors must be freed as `state` drains
+    process = any(processing.values())
+    fold = bool(processing.get("fold_ln"))
     tokenizer = getattr(processor, "tokenizer", None)
-    vlm = cls(cfg, vlm_cfg, tokenizer=tokenizer, processor=processor, move_to_device=False)
-    assign_state(vlm, state, dtype)
+    vlm = cls(folded_config(cfg) if fold else cfg, vlm_cfg, tokenizer=tokenizer, processor=processor,
+              move_to_device=False)
+    params = _check_state(vlm, state, processed_keys(state, fold))
+    trimmer = Trimmer(sum(p.numel() * p.element_size() for p in params.values()) // 50)
+    for key in [k for k in state if not k.startswith(LM_PREFIXES)]:
+        trimmer.freed(_assign(vlm, params, key, state.pop(key), dtype))
+    for name, keys in lm_groups(list(state)):
+        part = {k: state.pop(k) for k in keys}
+        if process:
+            with torch.no_grad():
+                part = process_group(name, part, cfg, processing)
+            release_freed_memory()  # the group's intermediate copies
+        while part:
+            key = next(iter(part))
+            trimmer.freed(_assign(vlm, params, key, part.pop(key), dtype))
+    release_freed_memory()
     vlm.to(torch.device(device) if not isinstance(device, torch.device) else device)
     vlm.eval()
     return vlm
 
 
-def _process_language_weights(state: dict[str, torch.Tensor], cfg: Any, steps: dict[str, bool]) -> dict:
-    lm = {k: v for k, v in state.items() if k.startswith(_LM_PREFIXES)}
-    other = {k: v for k, v in state.items() if k not in lm}
-    state.clear()
-    lm = ProcessWeights.process_weights(lm, cfg, **steps)
-    if steps.get("fold_ln"):
-        cfg.normalization_type = "RMSPre" if cfg.normalization_type == "RMS" else "LNPre"
-        for key in [k for k in lm if k.endswith(_FOLDED_NORMS)]:
-            if not torch.all(lm[key] == 1):
-                raise ValueError(f"{key} was not folded into the following weights; cannot drop it.")
-            del lm[key]
-    lm.update(other)
-    return lm
-
-
-def assign_state(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Strictly check names and shapes, then move each tensor into the model (no second copy)."""
+def _check_state(model: nn.Module, state: dict[str, torch.Tensor], final_keys: set[str]) -> dict[str, nn.Parameter]:
+    """Strictly check names and shapes before anything moves (processing keeps shapes, drops norms)."""
     params = dict(model.named_parameters())
-    require_exact_keys(state.keys(), params.keys(), "HookedVLM",
+    require_exact_keys(final_keys, params.keys(), "HookedVLM",
                        hint="This is a converter bug or an unsupported checkpoint variant.")
     bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(p.shape)}"
            for k, p in params.items() if state[k].shape != p.shape]
     if bad:
         raise ValueError("Weight shapes do not match the config:\n" + "\n".join(bad[:12]))
-    for key in list(state):
-        module_path, _, name = key.rpartition(".")
-        module = model.get_submodule(module_path)
-        tensor = state.pop(key).detach().to(dtype).contiguous()
-        module._parameters[name] = nn.Parameter(tensor, requires_grad=params[key].requires_grad)
+    return params
+
+
+def _assign(model: nn.Module, params: dict[str, nn.Parameter], key: str, tensor: torch.Tensor,
+            dtype: torch.dtype) -> int:
+    """Move one tensor into the model, replacing a parameter that was allocated but never written.
+
+    Returns the bytes of the moved tensor (its source is freed when the caller drops it)."""
+    module_path, _, name = key.rpartition(".")
+    placeholder = params.pop(key)  # dropped with this call, so it can be freed too
+    tensor = tensor.detach().to(dtype).contiguous()
+    model.get_submodule(module_path)._parameters[name] = nn.Parameter(tensor, requires_grad=placeholder.requires_grad)
+    return tensor.numel() * tensor.element_size()
+

@@ -1,0 +1,105 @@
+"""TransformerLens's weight processing (fold_ln, centering, value-bias folding) one group at a time.
+
+``ProcessWeights.process_weights`` deep-copies the whole state dict in several of its steps (and upcasts
+bf16/fp16 weights to float32 first), which on a 7B model means holding the language model two or three
+times over. Every step only relates weights of the same block, or the embedding, or the final norm and
+unembedding, so running TransformerLens's own function on one such group at a time gives the same
+weights while holding one group's copies at a time (``tests/test_loading_memory.py`` checks equality with
+the whole-dict call).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformer_lens.weight_processing import ProcessWeights
+
+# Only the language model's own weights are processed (vision tower, projector and extras such as
+# LLaVA-NeXT's image_newline are left as they are).
+LM_PREFIXES = ("embed.", "pos_embed.", "blocks.", "ln_final.", "unembed.")
+FOLDED_NORMS = (".ln1.w", ".ln2.w", "ln_final.w")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def folded_config(cfg: Any) -> Any:
+    """The config of the model that receives folded weights: its norms no longer scale."""
+    out = copy.copy(cfg)
+    out.normalization_type = {"RMS": "RMSPre", "LN": "LNPre"}.get(cfg.normalization_type, cfg.normalization_type)
+    return out
+
+
+def processed_keys(keys: Any, fold_ln: bool) -> set[str]:
+    """The state-dict keys left after processing (folded norm weights are dropped)."""
+    return {k for k in keys if not (fold_ln and k.startswith(LM_PREFIXES) and k.endswith(FOLDED_NORMS))}
+
+
+def lm_groups(keys: Any) -> Iterator[tuple[str, list[str]]]:
+    """Language-model keys in processing groups: the embedding, each block, then the unembedding."""
+    keys = [k for k in keys if k.startswith(LM_PREFIXES)]
+    blocks: dict[int, list[str]] = {}
+    for key in keys:
+        match = _BLOCK.match(key)
+        if match:
+            blocks.setdefault(int(match.group(1)), []).append(key)
+    yield "embed", [k for k in keys if k.startswith(("embed.", "pos_embed."))]
+    for layer in sorted(blocks):
+        yield f"blocks.{layer}", blocks[layer]
+    yield "unembed", [k for k in keys if k.startswith(("ln_final.", "unembed."))]
+
+
+def process_group(name: str, part: dict[str, torch.Tensor], cfg: Any, steps: dict[str, bool]) -> dict:
+    """Run TransformerLens's ``process_weights`` on one group (``part`` is consumed).
+
+    A block is processed as block 0 of a one-layer model; the embedding and unembedding as a model
+    with no layers, each with the steps that touch it.
+    """
+    get = lambda step: bool(steps.get(step))  # noqa: E731
+    # TransformerLens's layout as contiguous tensors first, one at a time: each source can then be
+    # freed before the copies processing makes (whose layout follows their input's) exist. Detached:
+    # an autograd graph back to the HF parameter would keep the source alive.
+    part = {k: v.detach().contiguous() for k, v in _drain(part)}
+    sub_cfg = copy.copy(cfg)
+    prefix = name + "." if name.startswith("blocks.") else ""
+    if prefix:
+        sub_cfg.n_layers = 1
+        part = {"blocks.0." + k[len(prefix):]: v for k, v in _drain(part)}
+        calls = [dict(fold_ln=get("fold_ln"), center_writing_weights=get("center_writing_weights"),
+                      fold_value_biases=get("fold_value_biases"))]
+    elif name == "embed":
+        sub_cfg.n_layers = 0
+        calls = [dict(center_writing_weights=get("center_writing_weights"))]
+    else:  # the unembedding: two calls, so only one extra copy of W_U exists at a time
+        sub_cfg.n_layers = 0
+        calls = [dict(fold_ln=get("fold_ln")), dict(center_unembed=get("center_unembed"))]
+    for flags in calls:
+        part = _run(part, sub_cfg, flags)
+    if get("fold_ln"):
+        for key in [k for k in part if k.endswith(FOLDED_NORMS)]:
+            if not torch.all(part[key] == 1):
+                raise ValueError(f"{name}: {key} was not folded into the following weights; cannot drop it.")
+            del part[key]
+    if prefix:
+        part = {prefix + k[len("blocks.0."):]: v for k, v in _drain(part)}
+    return part
+
+
+def _run(part: dict[str, torch.Tensor], cfg: Any, flags: dict[str, bool]) -> dict[str, torch.Tensor]:
+    """One ``process_weights`` call with only ``flags`` on; the input dict is emptied."""
+    if not any(flags.values()):
+        return part
+    every = dict(fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False)
+    out = ProcessWeights.process_weights(part, cfg, **{**every, **flags})
+    if out is not part:
+        part.clear()
+    return out
+
+
+def _drain(d: dict) -> Iterator[tuple[str, Any]]:
+    """Pop items one by one, so the source dict stops referencing each tensor as it moves."""
+    while d:
+        key = next(iter(d))
+        yield key, d.pop(key)
