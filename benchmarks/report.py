@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 
 import torch
+from probes import IMPORT_LINES
 
 MB = 1024 * 1024
 # (label, case, target ratio to the HF floor, direction) for the forward-pass targets at batch 1
@@ -82,8 +83,11 @@ def targets(results: dict) -> list[tuple[str, str, str, bool]]:
 
 
 def _probe_tables(results: dict) -> list[str]:
-    lines = ["", "### Import (fresh process)", "", "| step | wall s | CPU s |", "|---|---:|---:|",
-             f"| `import vlm_lens` alone | {results['import']['wall_s']:.2f} | {results['import']['cpu_s']:.2f} |"]
+    lines = ["", "### Import (fresh process)", "", "| line | wall s | CPU s |", "|---|---:|---:|"]
+    lines += [f"| `{line}` | {results[k]['wall_s']:.2f} | {results[k]['cpu_s']:.2f} |"
+              for k, line in IMPORT_LINES.items() if k in results]
+    lines += ["", "One process importing step by step (each row: what that step adds):", "",
+              "| step | wall s | CPU s |", "|---|---:|---:|"]
     lines += [f"| + `import {k}` | {v['wall_s']:.2f} | {v['cpu_s']:.2f} |"
               for k, v in results["import_steps"].items() if isinstance(v, dict)]
     lines += ["", "### Loading from a local folder (fresh process)", "",
@@ -95,6 +99,12 @@ def _probe_tables(results: dict) -> list[str]:
         lines.append(f"| {names[kind]} | {r['load_s']:.2f} | {r['peak_increase'] / MB:.0f} | "
                      f"{r['peak_increase'] / results['weight_bytes']:.2f} | {r['rss_after_load'] / MB:.0f} "
                      f"({r.get('rssanon_after_load', 0) / MB:.0f} + {r.get('rssfile_after_load', 0) / MB:.0f}) |")
+    hf = results["load"].get("hf", {})
+    if "peak_increase_touched" in hf:
+        lines += ["", "HF memory-maps the checkpoint and reads each weight on first use, so its loading peak "
+                  "leaves the weights unread; once every weight has been read once (as a first forward does) "
+                  f"its peak is {hf['peak_increase_touched'] / MB:.0f} MiB "
+                  f"({hf['peak_increase_touched'] / results['weight_bytes']:.2f}x the weight bytes)."]
     return lines
 
 

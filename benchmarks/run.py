@@ -114,7 +114,8 @@ def cache_sizes(vlm, tokens: torch.Tensor, pixels: torch.Tensor) -> dict:
 
 def run_probes(results: dict, folder: Path, shape: Shape, device: str, repeats: int, threads: int | None):
     print(f"[{shape.name}] probes: import and load in fresh processes", flush=True)
-    results["import"] = probe("import", repeats=repeats, threads=threads)
+    for kind in ("import", "import_hooked", "import_hf"):
+        results[kind] = probe(kind, repeats=repeats, threads=threads)
     results["import_steps"] = probe("import_steps", threads=threads)
     probe_args = (str(folder), str(shape.dtype).removeprefix("torch."), device)
     results["load"] = {kind: probe(kind, *probe_args, repeats=repeats, threads=threads)

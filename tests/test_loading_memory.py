@@ -47,10 +47,16 @@ def test_grouped_processing_equals_transformer_lens_whole_dict(lm):
 
 
 def test_each_block_is_freed_once_moved(monkeypatch):
-    """After a block is processed, the HF tensors it came from are gone (no copy held to the end)."""
+    """After a block's attention or MLP is processed, the HF tensors it came from are gone."""
     hf = make_hf_llava(tiny_llava_config(), seed=2)
     layers = hf.model.language_model.layers
-    sources = {f"blocks.{i}": [weakref.ref(p) for p in layer.parameters()] for i, layer in enumerate(layers)}
+    sources = {}
+    for i, layer in enumerate(layers):
+        attn = [*layer.self_attn.parameters(), layer.input_layernorm.weight]
+        mlp = [*layer.mlp.parameters(), layer.post_attention_layernorm.weight]
+        sources[f"blocks.{i}.attn"] = [weakref.ref(p) for p in attn]
+        sources[f"blocks.{i}.mlp"] = [weakref.ref(p) for p in mlp]
+    del attn, mlp, layer
     sources["unembed"] = [weakref.ref(hf.lm_head.weight)]
     alive_after = {}
     real = loading.process_group

@@ -5,7 +5,8 @@ bf16/fp16 weights to float32 first), which on a 7B model means holding the langu
 times over. Every step only relates weights of the same block, or the embedding, or the final norm and
 unembedding, so running TransformerLens's own function on one such group at a time gives the same
 weights while holding one group's copies at a time (``tests/test_loading_memory.py`` checks equality with
-the whole-dict call).
+the whole-dict call). Blocks are split into attention and MLP, as each step only relates a norm to the
+weights that read it, or a block's value biases to its output bias.
 """
 
 from __future__ import annotations
@@ -38,24 +39,27 @@ def processed_keys(keys: Any, fold_ln: bool) -> set[str]:
 
 
 def lm_groups(keys: Any) -> Iterator[tuple[str, list[str]]]:
-    """Language-model keys in processing groups: the embedding, each block, then the unembedding."""
+    """Language-model keys in processing groups: the embedding; per block its attention (with ``ln1``)
+    and its MLP (with ``ln2``), which no processing step relates; then the unembedding."""
     keys = [k for k in keys if k.startswith(LM_PREFIXES)]
-    blocks: dict[int, list[str]] = {}
+    blocks: dict[str, list[str]] = {}
     for key in keys:
         match = _BLOCK.match(key)
         if match:
-            blocks.setdefault(int(match.group(1)), []).append(key)
+            part = "mlp" if key[match.end():].startswith(("ln2.", "mlp.")) else "attn"
+            blocks.setdefault(f"blocks.{int(match.group(1))}.{part}", []).append(key)
     yield "embed", [k for k in keys if k.startswith(("embed.", "pos_embed."))]
-    for layer in sorted(blocks):
-        yield f"blocks.{layer}", blocks[layer]
+    for name in sorted(blocks, key=lambda n: (int(n.split(".")[1]), n)):
+        yield name, blocks[name]
     yield "unembed", [k for k in keys if k.startswith(("ln_final.", "unembed."))]
 
 
 def process_group(name: str, part: dict[str, torch.Tensor], cfg: Any, steps: dict[str, bool]) -> dict:
     """Run TransformerLens's ``process_weights`` on one group (``part`` is consumed).
 
-    A block is processed as block 0 of a one-layer model; the embedding and unembedding as a model
-    with no layers, each with the steps that touch it.
+    A block's attention or MLP is processed as block 0 of a one-layer model (TransformerLens skips what
+    the group does not have); the embedding and unembedding as a model with no layers, each with the
+    steps that touch it.
     """
     get = lambda step: bool(steps.get(step))  # noqa: E731
     # TransformerLens's layout as contiguous tensors first, one at a time: each source can then be
@@ -63,7 +67,7 @@ def process_group(name: str, part: dict[str, torch.Tensor], cfg: Any, steps: dic
     # an autograd graph back to the HF parameter would keep the source alive.
     part = {k: v.detach().contiguous() for k, v in _drain(part)}
     sub_cfg = copy.copy(cfg)
-    prefix = name + "." if name.startswith("blocks.") else ""
+    prefix = name[:name.index(".", len("blocks.")) + 1] if name.startswith("blocks.") else ""
     if prefix:
         sub_cfg.n_layers = 1
         part = {"blocks.0." + k[len(prefix):]: v for k, v in _drain(part)}
