@@ -31,10 +31,17 @@ def machine_info(device: str) -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": version("transformers"),
             "transformer_lens": version("transformer-lens"),
-            "python": platform.python_version(), "device": device, "loadavg_start": os.getloadavg()}
+            "python": platform.python_version(), "device": device, "loadavg_start": os.getloadavg(),
+            # glibc allocator settings change what caching costs (see README.md): record them
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def _malloc_env(machine: dict) -> str:
+    env = machine.get("malloc_env") or {}
+    return ", ".join(f"`{k}={v}`" for k, v in sorted(env.items())) or "glibc defaults"
 
 
 def _floor(cases: dict) -> tuple[str, float]:
@@ -114,6 +121,7 @@ def write_report(results: dict, path: Path) -> str:
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
              f"transformers {m['transformers']}, transformer-lens {m['transformer_lens']}, "
              f"Python {m['python']}, device {m['device']}{', ' + m['gpu'] if 'gpu' in m else ''}. "
+             f"Allocator settings: {_malloc_env(m)}. "
              f"Load average at start / end: {m['loadavg_start'][0]:.1f} / {m['loadavg_end'][0]:.1f} "
              f"(above the core count means other jobs shared the CPU: see README.md). "
              f"Finished {results['finished']}. Sequence: {results['seq_len']} tokens "
