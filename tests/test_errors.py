@@ -93,3 +93,22 @@ def test_strict_key_check_names_the_difference():
 
     with pytest.raises(ValueError, match=r"(?s)missing \(1\): b.*unexpected \(1\): c"):
         require_exact_keys({"a", "c"}, {"a", "b"}, "thing")
+
+
+def test_checkpoint_with_an_extra_weight_is_rejected(tmp_path):
+    path, _ = save_llava(tmp_path, tiny_llava_config())
+    weights = load_file(path / "model.safetensors")
+    weights["language_model.model.layers.0.mlp.surprise.weight"] = torch.zeros(3, 3)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="surprise"):
+        HookedVLM.from_pretrained(str(path))
+
+
+def test_checkpoint_with_a_misshaped_weight_is_rejected(tmp_path):
+    path, _ = save_llava(tmp_path, tiny_llava_config())
+    weights = load_file(path / "model.safetensors")
+    key = next(k for k in weights if k.endswith("layers.1.self_attn.q_proj.weight"))
+    weights[key] = torch.zeros(weights[key].shape[0] + 1, weights[key].shape[1])
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.q_proj\.weight: checkpoint \(33, 32\) vs config \(32, 32\)"):
+        HookedVLM.from_pretrained(str(path))

@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 # from_pretrained keyword arguments that say where the files are (hub ids and local folders alike).
+# Mis-shaped weights listed in transformers' loading report (which the caller turns into an error
+# naming them) instead of a RuntimeError whose details only reach the log.
+STRICT_REPORT = {"ignore_mismatched_sizes": True}
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
@@ -27,7 +30,7 @@ def safetensors_files(name_or_path: str, **hub_kwargs: Any) -> list[str] | None:
     from transformers.utils.hub import get_checkpoint_shard_files
 
     hub_kwargs = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS}
-    quiet = dict(_raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False)
+    quiet = dict(_raise_exceptions_for_missing_entries=False)  # a missing file is an answer; no network is not
     single = cached_file(name_or_path, SAFE_WEIGHTS, **quiet, **hub_kwargs)
     if single is not None:
         return [single]
@@ -54,7 +57,7 @@ def load_hf_model(hf_class: type, config: Any, files: list[str], dtype: Any, **k
                 lazy[key] = handle.get_slice(key)  # read when transformers asks for it
         kwargs = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS}
         return hf_class.from_pretrained(None, config=config, state_dict=lazy, dtype=dtype,
-                                        output_loading_info=True, **kwargs)
+                                        output_loading_info=True, **{**kwargs, **STRICT_REPORT})
 
 
 def _open(safe_open: Any, path: str) -> Any:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vlm_lens._memory import Trimmer, release_freed_memory
-from vlm_lens.checkpoint import SAFE_INDEX, SAFE_WEIGHTS, load_hf_model, safetensors_files
+from vlm_lens.checkpoint import SAFE_INDEX, SAFE_WEIGHTS, STRICT_REPORT, load_hf_model, safetensors_files
 from vlm_lens.conversion import architecture_of, get_spec
 from vlm_lens.conversion.checks import require_exact_keys
 from vlm_lens.processing import LM_PREFIXES, folded_config, lm_groups, process_group, processed_keys
@@ -45,14 +45,14 @@ def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, pr
     hf_kwargs.pop("trust_remote_code", None)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **hf_kwargs)
     spec = get_spec(architecture_of(config))
-    files = safetensors_files(name_or_path, **hf_kwargs)
     try:
+        files = safetensors_files(name_or_path, **hf_kwargs)
         if files is not None:
             hf_model, info = load_hf_model(spec.hf_class(), config, files, dtype, **hf_kwargs)
         elif allow_pickle:
             hf_model, info = spec.hf_class().from_pretrained(
                 name_or_path, dtype=dtype, use_safetensors=False, output_loading_info=True,
-                trust_remote_code=False, **hf_kwargs,
+                trust_remote_code=False, **{**hf_kwargs, **STRICT_REPORT},
             )
         else:
             raise ValueError(
@@ -63,7 +63,7 @@ def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, pr
         raise ValueError(f"Could not load weights from {name_or_path!r}: {err}.") from err
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
-        detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:12]}" for k, v in problems.items())
+        detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(_describe, v))[:12]}" for k, v in problems.items())
         raise ValueError(
             f"Checkpoint {name_or_path!r} does not match its config ({detail}). vlm_lens never fills "
             "missing weights; fix or re-save the checkpoint."
@@ -72,6 +72,14 @@ def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, pr
     holder = [hf_model]
     del hf_model
     return build_from_hf(cls, holder, processor, processing=processing, device=device, dtype=dtype)
+
+
+def _describe(entry: Any) -> str:
+    """A loading-report entry: a key, or (key, checkpoint shape, model shape) for a mis-shaped weight."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        key, found, expected = entry
+        return f"{key}: checkpoint {tuple(found)} vs config {tuple(expected)}"
+    return str(entry)
 
 
 def _load_processor(name_or_path: str, load: Any = None, **hf_kwargs: Any) -> Any:
