@@ -1,8 +1,11 @@
 """Measurements that need a fresh process: import time, load time and peak memory while loading.
 
 The parent calls ``probe(kind, ...)``, which runs this file as a child (``python probes.py KIND ...``)
-and reads one JSON line back. Peak memory is the child's ``ru_maxrss`` (its resident high-water mark)
-after loading minus its resident memory just before loading, so imported libraries are not counted.
+and reads one JSON line back. Peak memory is the child's resident high-water mark (``VmHWM``, reset to
+the current size just before loading where the kernel allows) after loading minus its resident memory
+just before loading, so imported libraries are not counted. Not ``ru_maxrss``: Linux carries that over
+from the parent through fork and exec, so a parent that had built a large model folder would set every
+child's "peak".
 """
 
 from __future__ import annotations
@@ -30,8 +33,27 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f"/proc/self/status has no {field} (the load probes need Linux)")
+
+
+def _reset_peak() -> bool:
+    """Set the resident high-water mark to the current size (Linux >= 4.0: clear_refs 5). Where that
+    is refused, VmHWM also covers the imports, which can only over-state the peak; the result says so."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_bytes() -> int:
+    return _status_bytes("VmHWM")
 
 
 def _rss_bytes() -> int:
@@ -78,20 +100,21 @@ def _child(kind: str, args: list[str]) -> dict:
         method = HookedVLM.from_pretrained if kind == "vlm" else HookedVLM.from_pretrained_no_processing
         load = lambda: method(folder, dtype=dtype, device=device)  # noqa: E731
     gc.collect()
+    peak_reset = _reset_peak()
     before, start = _rss_bytes(), time.perf_counter()
     model = load()
     seconds = time.perf_counter() - start
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    result = {"load_s": seconds, "rss_before_load": before, "peak_rss": _maxrss_bytes(),
-              "peak_increase": _maxrss_bytes() - before, "rss_after_load": _rss_bytes(),
-              "param_bytes": n_bytes, **_rss_split()}
+    result = {"load_s": seconds, "rss_before_load": before, "peak_rss": _peak_bytes(),
+              "peak_increase": _peak_bytes() - before, "rss_after_load": _rss_bytes(),
+              "param_bytes": n_bytes, "peak_reset": peak_reset, **_rss_split()}
     if device.startswith("cuda"):
         result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     if kind == "hf":  # HF maps the file and reads weights on first use: the peak once all were read
         with torch.no_grad():
             for p in model.parameters():
                 p.sum()
-        result["peak_increase_touched"] = _maxrss_bytes() - before
+        result["peak_increase_touched"] = _peak_bytes() - before
     return result
 
 
