@@ -16,40 +16,24 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import nn
-from transformer_lens.components import TransformerBlock
-from transformer_lens.hook_points import HookPoint
 
 from vlm_lens.config import VLMConfig
-from vlm_lens.vision.clip import HookedCLIPVision, vision_block_config
+from vlm_lens.vision.vit import HookedViT
 
 
-class HookedSiglipVision(nn.Module):
-    """SigLIP vision transformer up to the deepest feature layer the VLM reads.
+class HookedSiglipVision(HookedViT):
+    """SigLIP vision transformer up to the deepest feature layer the VLM reads: the shared ViT plus a
+    patch-embedding bias (no class token, no ``ln_pre``).
 
     Example:
         >>> feats = model.vision(pixel_values)  # [n_tiles, n_patches, d_features]  # doctest: +SKIP
     """
 
-    check_pixels = HookedCLIPVision.check_pixels  # same contract: [n, channels, image_size, image_size]
-
     def __init__(self, cfg: VLMConfig, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        vcfg = cfg.vision
-        if vcfg.has_class_token:
+        if cfg.vision.has_class_token:
             raise ValueError("A SigLIP VisionConfig must have has_class_token=False.")
-        self.vlm_cfg = cfg
-        self.vision_cfg = vcfg
-        n_built = cfg.n_vision_layers_used
-        self.cfg = vision_block_config(vcfg, n_built, dtype)
-        d = vcfg.d_model
-        self.W_patch = nn.Parameter(
-            torch.empty(d, vcfg.n_channels, vcfg.patch_size, vcfg.patch_size, dtype=dtype)
-        )
-        self.b_patch = nn.Parameter(torch.empty(d, dtype=dtype))
-        self.W_pos = nn.Parameter(torch.empty(vcfg.n_positions, d, dtype=dtype))
-        self.hook_patch_embed = HookPoint()  # [n_tiles, n_patches, d_vision]
-        self.hook_pos_embed = HookPoint()  # [n_tiles, n_patches, d_vision]
-        self.blocks = nn.ModuleList([TransformerBlock(self.cfg, i) for i in range(n_built)])
+        super().__init__(cfg, dtype)
+        self.b_patch = nn.Parameter(torch.empty(cfg.vision.d_model, dtype=dtype))
 
     def forward(
         self, pixel_values: Float[torch.Tensor, "n_images channels height width"]
@@ -60,11 +44,4 @@ class HookedSiglipVision(nn.Module):
                      stride=self.vision_cfg.patch_size)
         x = self.hook_patch_embed(x.flatten(2).transpose(1, 2).contiguous())  # TL's MLP needs contiguous input
         x = x + self.hook_pos_embed(self.W_pos.expand(x.shape[0], -1, -1))
-        wanted = set(self.vlm_cfg.feature_layers)
-        hidden = {0: x} if 0 in wanted else {}
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i + 1 in wanted:
-                hidden[i + 1] = x
-        selected = [hidden[i] for i in self.vlm_cfg.feature_layers]
-        return torch.cat(selected, dim=-1) if len(selected) > 1 else selected[0]
+        return self.selected_hidden_states(x)
