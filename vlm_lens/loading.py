@@ -21,7 +21,7 @@ from vlm_lens._memory import Trimmer, release_freed_memory
 from vlm_lens.checkpoint import SAFE_INDEX, SAFE_WEIGHTS, STRICT_REPORT, load_hf_model, safetensors_files
 from vlm_lens.conversion import architecture_of, get_spec
 from vlm_lens.conversion.checks import require_exact_keys
-from vlm_lens.processing import LM_PREFIXES, folded_config, lm_groups, process_group, processed_keys
+from vlm_lens.processing import LM_PREFIXES, drain, folded_config, lm_groups, process_group, processed_keys
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,9 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
                   device: Any = None, dtype: Any = None) -> Any:
     """Convert an HF model. ``hf_model`` may be a one-element list, which is emptied to free it early.
 
-    Weights move into the HookedVLM one tensor (vision, projector) or one block (language model, where
-    processing makes new tensors) at a time; each source tensor is released once it has been moved.
+    Weights move into the HookedVLM one tensor at a time (vision, projector) or one group at a time
+    (language model: embedding, each block's attention and MLP, unembedding, where processing makes new
+    tensors); each source tensor is released once it has been moved.
     """
     holder = hf_model if isinstance(hf_model, list) else [hf_model]
     model = holder[0]
@@ -127,9 +128,8 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
             with torch.no_grad():
                 part = process_group(name, part, cfg, processing)
             release_freed_memory()  # the group's intermediate copies
-        while part:
-            key = next(iter(part))
-            trimmer.freed(_assign(vlm, params, key, part.pop(key), dtype))
+        for key, tensor in drain(part):
+            trimmer.freed(_assign(vlm, params, key, tensor, dtype))
     release_freed_memory()
     vlm.to(torch.device(device) if not isinstance(device, torch.device) else device)
     vlm.eval()

@@ -65,12 +65,12 @@ def process_group(name: str, part: dict[str, torch.Tensor], cfg: Any, steps: dic
     # TransformerLens's layout as contiguous tensors first, one at a time: each source can then be
     # freed before the copies processing makes (whose layout follows their input's) exist. Detached:
     # an autograd graph back to the HF parameter would keep the source alive.
-    part = {k: v.detach().contiguous() for k, v in _drain(part)}
+    part = {k: v.detach().contiguous() for k, v in drain(part)}
     sub_cfg = copy.copy(cfg)
     prefix = name[:name.index(".", len("blocks.")) + 1] if name.startswith("blocks.") else ""
     if prefix:
         sub_cfg.n_layers = 1
-        part = {"blocks.0." + k[len(prefix):]: v for k, v in _drain(part)}
+        part = {"blocks.0." + k[len(prefix):]: v for k, v in drain(part)}
         calls = [dict(fold_ln=get("fold_ln"), center_writing_weights=get("center_writing_weights"),
                       fold_value_biases=get("fold_value_biases"))]
     elif name == "embed":
@@ -87,7 +87,7 @@ def process_group(name: str, part: dict[str, torch.Tensor], cfg: Any, steps: dic
                 raise ValueError(f"{name}: {key} was not folded into the following weights; cannot drop it.")
             del part[key]
     if prefix:
-        part = {prefix + k[len("blocks.0."):]: v for k, v in _drain(part)}
+        part = {prefix + k[len("blocks.0."):]: v for k, v in drain(part)}
     return part
 
 
@@ -102,7 +102,7 @@ def _run(part: dict[str, torch.Tensor], cfg: Any, flags: dict[str, bool]) -> dic
     return out
 
 
-def _drain(d: dict) -> Iterator[tuple[str, Any]]:
+def drain(d: dict) -> Iterator[tuple[str, Any]]:
     """Pop items one by one, so the source dict stops referencing each tensor as it moves."""
     while d:
         key = next(iter(d))
