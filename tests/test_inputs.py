@@ -140,3 +140,17 @@ def test_bad_prepare_inputs(raw_model, case):
     with pytest.raises(ValueError, match=words):
         raw_model.prepare(kwargs["prompts"], images=kwargs["images"])
     assert all(not hp._forward_hooks for hp in raw_model.hook_dict.values())
+
+
+def test_split_image_tokens_hands_out_consecutive_images_and_names_what_is_wrong():
+    from vlm_lens.layout import split_image_tokens
+
+    mask = torch.tensor([[0, 1, 1, 1, 0, 1, 1], [1, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    out = list(split_image_tokens(mask, [3, 2, 2], "image_sizes", str))
+    assert [(b, k, c.tolist()) for b, k, c in out] == [(0, 0, [1, 2, 3]), (0, 1, [5, 6]), (1, 2, [0, 1])]
+    with pytest.raises(ValueError, match="more image tokens than the 2 image"):
+        list(split_image_tokens(mask, [3, 2], "image_sizes", str))
+    with pytest.raises(ValueError, match=r"image 0 \(0\) takes 4 consecutive"):
+        list(split_image_tokens(mask, [4, 1, 2], "image_sizes", str))
+    with pytest.raises(ValueError, match="image_grid_thw describes 4 images but the tokens hold 3"):
+        list(split_image_tokens(mask, [3, 2, 2, 1], "image_grid_thw", str))

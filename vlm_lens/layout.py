@@ -8,7 +8,7 @@ grids) and ``boxes``: the region of the original image each token was computed f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -175,3 +175,31 @@ def build_layout(image_mask: torch.Tensor, tokens_per_image: int, grid_shape: tu
                 grid=chunk[n_leading_extra:].reshape(rows, cols), extra=chunk[:n_leading_extra],
             ))
     return ImageLayout(tuple(spans))
+
+
+def split_image_tokens(image_mask: torch.Tensor, sizes: Sequence[int], source: str,
+                       describe: Callable[[int], str]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Walk each row's image tokens and hand out images of ``sizes[k]`` consecutive positions, in batch order.
+
+    Yields ``(batch row, image index, positions)``. ``source`` names the input that gave the sizes (for
+    the error messages) and ``describe(k)`` describes image k (its size or grid). Raises when a row has
+    more image tokens than the images take, when an image's tokens are not consecutive, or when
+    images are left over.
+    """
+    k = 0
+    for b in range(image_mask.shape[0]):
+        positions = image_mask[b].nonzero().flatten().cpu()
+        used = 0
+        while used < len(positions):
+            if k == len(sizes):
+                raise ValueError(f"batch row {b} has more image tokens than the {len(sizes)} image(s) of {source} "
+                                 f"take; give one {source} row per image.")
+            n = sizes[k]
+            chunk = positions[used:used + n]
+            if len(chunk) < n or int(chunk[-1] - chunk[0]) + 1 != n:
+                raise ValueError(f"batch row {b}: image {k} ({describe(k)}) takes {n} consecutive image tokens, "
+                                 "which the tokens do not hold; expand prompts with model.prepare.")
+            yield b, k, chunk
+            used, k = used + n, k + 1
+    if k != len(sizes):
+        raise ValueError(f"{source} describes {len(sizes)} images but the tokens hold {k}.")

@@ -24,7 +24,7 @@ from transformers.image_processing_utils import select_best_resolution
 
 from vlm_lens.config import VLMConfig
 from vlm_lens.image_pipeline import ImagePipeline
-from vlm_lens.layout import ImageLayout, ImageSpan
+from vlm_lens.layout import ImageLayout, ImageSpan, split_image_tokens
 
 if TYPE_CHECKING:
     from vlm_lens.hooked_vlm import HookedVLM
@@ -193,23 +193,8 @@ class AnyResPipeline(ImagePipeline):
 
     def layout(self, model: HookedVLM, image_mask: torch.Tensor, extras: dict[str, Any]) -> ImageLayout:
         plans = self.plans(model, extras) if image_mask.any() else []
-        spans, k = [], 0
-        for b in range(image_mask.shape[0]):
-            positions = image_mask[b].nonzero().flatten().cpu()
-            used = 0
-            while used < len(positions):
-                if k == len(plans):
-                    raise ValueError(f"batch row {b} has more image tokens than the {len(plans)} image(s) "
-                                     "in image_sizes take; give one image_sizes row per image.")
-                n = plans[k].n_tokens
-                chunk = positions[used:used + n]
-                if len(chunk) < n or int(chunk[-1] - chunk[0]) + 1 != n:
-                    raise ValueError(f"batch row {b}: image {k} (size {plans[k].size}) takes {n} consecutive "
-                                     "image tokens, which the tokens do not hold; expand prompts with model.prepare.")
-                spans.append(_span(b, chunk, plans[k]))
-                used, k = used + n, k + 1
-        if k != len(plans):
-            raise ValueError(f"image_sizes describes {len(plans)} images but the tokens hold {k}.")
+        spans = [_span(b, chunk, plans[k]) for b, k, chunk in split_image_tokens(
+            image_mask, [p.n_tokens for p in plans], "image_sizes", lambda k: f"size {plans[k].size}")]
         return ImageLayout(tuple(spans))
 
 

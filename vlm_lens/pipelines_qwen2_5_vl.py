@@ -25,7 +25,7 @@ import torch
 from transformer_lens.utilities.tokenize_utils import get_attention_mask
 
 from vlm_lens.image_pipeline import ImagePipeline
-from vlm_lens.layout import ImageLayout, ImageSpan
+from vlm_lens.layout import ImageLayout, ImageSpan, split_image_tokens
 from vlm_lens.mrope import MRopeState, install_mrope, rope_index
 from vlm_lens.vision.qwen2_5_vl import PatchMerger
 
@@ -101,24 +101,10 @@ class Qwen2_5_VLPipeline(ImagePipeline):
         if sizes is not None and len(sizes) != len(grids):
             raise ValueError(f"image_sizes has {len(sizes)} rows but image_grid_thw {len(grids)}; pass both from "
                              "the same processor call.")
-        spans, k = [], 0
-        for b in range(image_mask.shape[0]):
-            positions = image_mask[b].nonzero().flatten().cpu()
-            used = 0
-            while used < len(positions):
-                if k == len(grids):
-                    raise ValueError(f"batch row {b} has more image tokens than the {len(grids)} image(s) of "
-                                     "image_grid_thw take; give one image_grid_thw row per image.")
-                rows, cols = int(grids[k, 1]) // m, int(grids[k, 2]) // m
-                chunk = positions[used:used + rows * cols]
-                if len(chunk) < rows * cols or int(chunk[-1] - chunk[0]) + 1 != rows * cols:
-                    raise ValueError(f"batch row {b}: image {k} (grid {grids[k].tolist()}) takes {rows * cols} "
-                                     "consecutive image tokens, which the tokens do not hold; use model.prepare.")
-                spans.append(self._span(model, image_mask[b], b, chunk, (rows, cols), grids[k],
-                                        None if sizes is None else sizes[k]))
-                used, k = used + rows * cols, k + 1
-        if k != len(grids):
-            raise ValueError(f"image_grid_thw describes {len(grids)} images but the tokens hold {k}.")
+        shapes = [(int(g[1]) // m, int(g[2]) // m) for g in grids]
+        spans = [self._span(model, image_mask[b], b, chunk, shapes[k], grids[k], None if sizes is None else sizes[k])
+                 for b, k, chunk in split_image_tokens(image_mask, [r * c for r, c in shapes], "image_grid_thw",
+                                                       lambda k: f"grid {grids[k].tolist()}")]
         return ImageLayout(tuple(spans))
 
     @staticmethod
