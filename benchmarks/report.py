@@ -39,9 +39,23 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def cache_memory_setting() -> dict:
+    """What vlm_lens did to glibc's trimming (after the run: the threshold follows the largest cache)."""
+    from vlm_lens import _memory
+
+    return {"enabled": _memory._enabled(), "trim_threshold": _memory._CacheMemory.trim_threshold}
+
+
 def _malloc_env(machine: dict) -> str:
     env = machine.get("malloc_env") or {}
-    return ", ".join(f"`{k}={v}`" for k, v in sorted(env.items())) or "glibc defaults"
+    text = ", ".join(f"`{k}={v}`" for k, v in sorted(env.items())) or "glibc defaults"
+    kept = (machine.get("cache_memory") or {}).get("trim_threshold")
+    if kept:
+        text += (f"; vlm_lens's first run_with_cache raised glibc's trim threshold to {kept / MB:.0f} MiB "
+                 "(`reuse_cache_memory`, in force for the HF cases too)")
+    elif kept == 0:
+        text += "; vlm_lens's cache memory reuse off"
+    return text
 
 
 def _floor(cases: dict) -> tuple[str, float]:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import SHAPES, Shape, build_folder, make_inputs  # noqa: E402
 from probes import probe  # noqa: E402
-from report import machine_info, write_report  # noqa: E402
+from report import cache_memory_setting, machine_info, write_report  # noqa: E402
 from timing import interleaved, tensor_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-probes", action="store_true",
                    help="skip the fresh-process import/load probes (about 10 s of CPU each)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-cache-memory-reuse", action="store_true",
+                   help="vlm_lens.reuse_cache_memory(False): glibc's own trimming (see README.md)")
     p.add_argument("--folder", type=Path, default=None, help="reuse/build the model folder here")
     p.add_argument("--out", type=Path, default=RESULTS, help="where to write <config>.json/.md")
     return p.parse_args(argv)
@@ -127,6 +129,10 @@ def main(argv: list[str] | None = None) -> dict:
     shape = SHAPES[args.config or ("quick" if args.quick else "cpu")]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.no_cache_memory_reuse:
+        from vlm_lens import reuse_cache_memory
+
+        reuse_cache_memory(False)
     device = shape.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--config {shape.name} needs a CUDA GPU (it runs {shape.dtype} on cuda).")
@@ -168,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
             case["tokens_per_s"] = n_new / case["median_s"]
         results["generate"] = {"new_tokens": n_new, "batch": 1, "same_tokens_as_hf": same, "cases": timing}
     results["machine"]["loadavg_end"] = os.getloadavg()
+    results["machine"]["cache_memory"] = cache_memory_setting()
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{shape.name}.json").write_text(json.dumps(results, indent=1, default=str))

@@ -1,6 +1,6 @@
 """vlm_lens: mechanistic interpretability for vision-language models, TransformerLens style.
 
-``HookedVLM``, ``VLMInputs`` and ``ImageLayout`` (and the subpackages ``analysis``, ``viz``, ``organism``)
+``HookedVLM``, ``VLMInputs``, ``ImageLayout``, ``reuse_cache_memory`` (and the subpackages ``analysis``, ``viz``, ``organism``)
 are imported when first used: torch, transformers and TransformerLens take seconds to import, and
 ``import vlm_lens`` alone (or ``vlm-lens --help``) should not pay for them.
 """
@@ -18,9 +18,10 @@ if TYPE_CHECKING:
     from vlm_lens.layout import ImageLayout
 
 __version__ = "0.1.0"
-_EXPORTS = {"HookedVLM": "vlm_lens.hooked_vlm", "VLMInputs": "vlm_lens.inputs", "ImageLayout": "vlm_lens.layout"}
+_EXPORTS = {"HookedVLM": "vlm_lens.hooked_vlm", "VLMInputs": "vlm_lens.inputs", "ImageLayout": "vlm_lens.layout",
+            "reuse_cache_memory": "vlm_lens._memory"}
 _SUBPACKAGES = ("analysis", "viz", "organism")
-__all__ = ["HookedVLM", "ImageLayout", "VLMInputs"]
+__all__ = ["HookedVLM", "ImageLayout", "VLMInputs", "reuse_cache_memory"]
 
 
 def __getattr__(name: str) -> Any:

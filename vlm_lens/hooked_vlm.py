@@ -15,6 +15,7 @@ from transformer_lens.config import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
 import vlm_lens._compat  # noqa: F401  (silences TL's HookedTransformer deprecation, once)
+from vlm_lens._memory import cpu_bytes, keep_cache_memory
 from vlm_lens.config import VLMConfig
 from vlm_lens.embed import MergingEmbed
 from vlm_lens.image_pipeline import build_pipeline
@@ -243,6 +244,16 @@ class HookedVLM(HookedTransformer):
 
     def layout(self, inputs: VLMInputs) -> ImageLayout:
         return inputs.layout
+
+    def run_with_cache(self, *model_args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """TransformerLens's ``run_with_cache``; on CPU the cache's memory is reused by the next call.
+
+        With glibc's default settings a dropped cache's memory goes back to the operating system and
+        the next call faults it in again; see ``vlm_lens.reuse_cache_memory`` to turn the reuse off.
+        """
+        out, cache = super().run_with_cache(*model_args, **kwargs)
+        keep_cache_memory(cpu_bytes(cache.values()))
+        return out, cache
 
     @torch.inference_mode()
     def generate(self, input: Any = "", max_new_tokens: int = 10, **kwargs: Any) -> Any:  # type: ignore[override]
