@@ -13,7 +13,7 @@ from factories_next import (
     tiny_next_config,
     tiny_onevision_config,
 )
-from transformer_lens import utils
+from transformer_lens import utilities
 
 from vlm_lens import HookedVLM
 
@@ -101,7 +101,7 @@ def test_transformer_lens_utilities(raw_model):
     pixels = random_pixels(1)
     with torch.no_grad():
         logits, cache = raw_model.run_with_cache(tokens, pixel_values=pixels)
-    assert utils.get_act_name("resid_post", 1) in cache
+    assert utilities.get_act_name("resid_post", 1) in cache
     resid, labels = cache.accumulated_resid(return_labels=True)
     assert resid.shape[0] == raw_model.cfg.n_layers + 1 and len(labels) == resid.shape[0]
     assert torch.allclose(resid[-1], cache["blocks.1.hook_resid_post"])
