@@ -7,8 +7,6 @@ five tiles and a few dozen tokens.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,17 +37,6 @@ SIZES = {"square": (20, 20), "wide": (12, 40), "tall": (40, 12), "small": (12, 1
 PROMPT = "USER : <image>\nwhat is this ? ASSISTANT :"
 PROMPTS = [PROMPT, "USER : <image>\ndescribe ASSISTANT :"]
 ATOL = 1e-4
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """Models this small run fastest on one thread (several times faster on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def tiny_vision_config(tower: str = "clip", **overrides):
@@ -129,6 +116,14 @@ def save_model(tmp_path: Path, config, seed: int = 0, resample: int | None = Non
         (tmp_path / "video_preprocessor_config.json").write_text(json.dumps(
             {"video_processor_type": "LlavaOnevisionVideoProcessor", "processor_class": "LlavaOnevisionProcessor"}))
     return tmp_path, model
+
+
+def load_pair(tmp_path: Path, config, **kwargs):
+    """(HookedVLM with raw weights, the HF model) from one checkpoint saved by ``save_model``."""
+    from vlm_lens import HookedVLM
+
+    path, hf = save_model(tmp_path, config, **kwargs)
+    return HookedVLM.from_pretrained_no_processing(str(path)), hf
 
 
 def image(size: tuple[int, int], seed: int = 0) -> Image.Image:

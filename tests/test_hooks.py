@@ -9,7 +9,6 @@ from factories_next import (
     SIZES,
     image,
     save_model,
-    single_thread,
     tiny_next_config,
     tiny_onevision_config,
 )
@@ -153,8 +152,7 @@ def test_anyres_model_hooks_live(tmp_path, arch):
     names = [n for n in model.hook_dict if not n.endswith("hook_attn_in")]
     assert {"hook_image_features", "projector.hook_out", "hook_image_embeds", "vision.hook_patch_embed"} <= set(names)
     inputs = model.prepare(PROMPTS, images=[[image(SIZES["wide"], 0)], [image(SIZES["square"], 1)]])
-    with single_thread():
-        _check_all_hooks_live(model, names, inputs)
+    _check_all_hooks_live(model, names, inputs)
 
 
 @pytest.fixture(scope="module")
@@ -177,14 +175,12 @@ def test_qwen2_5_vl_hooks_live(qwen_model):
         assert {"vision.hook_patch_embed", "vision.blocks.1.attn.hook_rot_k", "vision.blocks.0.mlp.hook_pre_linear",
                 "hook_image_features", "projector.hook_in", "projector.ln_q.hook_normalized", "projector.hook_hidden",
                 "projector.hook_out", "hook_image_embeds", "blocks.0.attn.hook_rot_q"} <= set(names)
-        with single_thread():
-            _check_all_hooks_live(model, names, inputs)
+        _check_all_hooks_live(model, names, inputs)
         model.set_use_split_qkv_input(False)
         model.vision.cfg.use_attn_in = True
         names = [n for n in model.hook_dict if n.startswith("vision.") and n.endswith("hook_attn_in")]
         assert len(names) == len(model.vision.blocks)
-        with single_thread():
-            _check_all_hooks_live(model, names, inputs)
+        _check_all_hooks_live(model, names, inputs)
     finally:
         model.vision.cfg.use_attn_in = False
         for switch in (model.set_use_attn_result, model.set_use_hook_mlp_in, model.set_use_split_qkv_input):

@@ -11,8 +11,8 @@ from factories_next import (
     changed_tokens,
     hf_inputs,
     image,
+    load_pair,
     save_model,
-    single_thread,
     tiny_next_config,
 )
 
@@ -21,16 +21,9 @@ from vlm_lens.analysis import image_ablation_hooks, knockout_hooks, logit_lens
 from vlm_lens.layout import ImageLayout, ImageSpan
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def next_pair(tmp_path_factory):
-    path, hf = save_model(tmp_path_factory.mktemp("next"), tiny_next_config())
-    return HookedVLM.from_pretrained_no_processing(str(path)), hf
+    return load_pair(tmp_path_factory.mktemp("next"), tiny_next_config())
 
 
 @pytest.mark.parametrize("shape", list(SIZES))
@@ -55,8 +48,7 @@ def test_parity_batch_of_two_sizes(next_pair):
 
 
 def test_siglip_tower_with_mistral(tmp_path):
-    path, hf = save_model(tmp_path, tiny_next_config("siglip", "mistral", vision_feature_layer=[0, -1]))
-    model = HookedVLM.from_pretrained_no_processing(str(path))
+    model, hf = load_pair(tmp_path, tiny_next_config("siglip", "mistral", vision_feature_layer=[0, -1]))
     assert model.vlm_cfg.vision.family == "siglip" and not hasattr(model.vision, "ln_pre")
     assert_stages_match(model, hf, model.prepare(PROMPT, images=[image(SIZES["tall"], 4)]))
 

@@ -10,8 +10,8 @@ from factories_next import (
     changed_tokens,
     hf_inputs,
     image,
+    load_pair,
     save_model,
-    single_thread,
     tiny_onevision_config,
 )
 from transformers import LlavaOnevisionProcessor
@@ -21,16 +21,9 @@ from vlm_lens.conversion.llava_onevision import LlavaOnevisionImageProcessor
 from vlm_lens.inputs import inputs_from_tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
 def ov_pair(tmp_path_factory):
-    path, hf = save_model(tmp_path_factory.mktemp("onevision"), tiny_onevision_config())
-    return HookedVLM.from_pretrained_no_processing(str(path)), hf
+    return load_pair(tmp_path_factory.mktemp("onevision"), tiny_onevision_config())
 
 
 def test_loads_siglip_qwen2_and_an_image_processor_without_torchvision(ov_pair):
@@ -79,9 +72,8 @@ def test_multi_image_prompt_keeps_one_tile_per_image(ov_pair):
 
 
 def test_clip_tower(tmp_path):
-    path, hf = save_model(tmp_path, tiny_onevision_config("clip", "llama", vision_feature_layer=-2,
+    model, hf = load_pair(tmp_path, tiny_onevision_config("clip", "llama", vision_feature_layer=-2,
                                                           vision_aspect_ratio="anyres_max_1"))
-    model = HookedVLM.from_pretrained_no_processing(str(path))
     assert model.vlm_cfg.vision.family == "clip"
     assert_stages_match(model, hf, model.prepare(PROMPT, images=[image(SIZES["wide"], 6)]))
 
@@ -118,8 +110,7 @@ def test_tiles_with_a_pixel_remainder(tmp_path):
     config = tiny_onevision_config(vision={"image_size": 18}, vision_feature_layer=[0],  # HF fails on a bare 0
                                    image_grid_pinpoints=[[18, 18], [18, 36], [36, 18], [36, 36]],
                                    vision_aspect_ratio="anyres_max_9")
-    path, hf = save_model(tmp_path, config, resample=0)
-    model = HookedVLM.from_pretrained_no_processing(str(path))
+    model, hf = load_pair(tmp_path, config, resample=0)
     img = image((36, 36), 10)
     assert_stages_match(model, hf, model.prepare(PROMPT, images=[img]))
     for box in [(16, 16, 18, 18), (9, 20, 27, 30)]:  # an unseen strip of the crop tiles, then a wider box
