@@ -1,8 +1,8 @@
 """vlm_lens: mechanistic interpretability for vision-language models, TransformerLens style.
 
-``HookedVLM``, ``VLMInputs``, ``ImageLayout``, ``reuse_cache_memory`` (and the subpackages ``analysis``, ``viz``, ``organism``)
-are imported when first used: torch, transformers and TransformerLens take seconds to import, and
-``import vlm_lens`` alone (or ``vlm-lens --help``) should not pay for them.
+``HookedVLM``, ``VLMInputs``, ``ImageLayout``, ``reuse_cache_memory`` (and the subpackages ``analysis``,
+``viz``, ``organism``) are imported when first used: torch, transformers and TransformerLens take seconds
+to import, and ``import vlm_lens`` alone (or ``vlm-lens --help``) should not pay for them.
 """
 
 from __future__ import annotations
