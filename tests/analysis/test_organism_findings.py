@@ -48,14 +48,17 @@ def _background(inputs, batch, buffer):
     return out
 
 
+def _accuracies(model, items, hooks):
+    """Accuracy without hooks, with ``hooks(_object)`` and with ``hooks(_background)``."""
+    return tuple(analysis.evaluate(model, items, hooks=h).accuracy for h in (None, hooks(_object), hooks(_background)))
+
+
 def test_ablating_the_object_tokens_removes_the_answer(model, items, mean):
     def hooks(select):
         return lambda inputs, batch: analysis.image_ablation_hooks(inputs, select(inputs, batch, BUFFER), "mean",
                                                                    mean=mean)
 
-    base = analysis.evaluate(model, items).accuracy
-    obj = analysis.evaluate(model, items, hooks=hooks(_object)).accuracy
-    rand = analysis.evaluate(model, items, hooks=hooks(_background)).accuracy
+    base, obj, rand = _accuracies(model, items, hooks)
     print(f"ablation: baseline {base:.3f}, object {obj:.3f}, random background {rand:.3f}")
     assert base - obj >= 0.5
     assert base - rand <= 0.1
@@ -68,9 +71,7 @@ def test_knocking_out_answer_to_object_attention(model, items):
             return analysis.knockout_hooks([last], select(inputs, batch, 0), "all", n_layers=model.cfg.n_layers)
         return make
 
-    base = analysis.evaluate(model, items).accuracy
-    obj = analysis.evaluate(model, items, hooks=hooks(_object)).accuracy
-    rand = analysis.evaluate(model, items, hooks=hooks(_background)).accuracy
+    base, obj, rand = _accuracies(model, items, hooks)
     print(f"knockout: baseline {base:.3f}, answer->object {obj:.3f}, answer->background {rand:.3f}")
     assert base - obj >= 0.3
     assert base - rand <= 0.1
