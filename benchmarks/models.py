@@ -8,16 +8,13 @@ read exactly the same bytes.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from factories import make_processor  # noqa: E402  (the tests' word-level tokenizer + CLIP processor)
-
-IMAGE_TOKEN_ID = 3  # "<image>" in the factories tokenizer
+from vlm_lens.architectures.llava.testing import make_processor
+from vlm_lens.testing import IMAGE_TOKEN_ID  # "<image>" in the test tokenizer
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def load_models(folder: Path, shape: Shape, device: str):
 
 
 def forward_cases(hf: dict, vlm, tokens: torch.Tensor, pixels: torch.Tensor) -> dict:
-    from vlm_lens.fast import install_fast_components, uninstall_fast_components
+    from vlm_lens._tl.fast import install_fast_components, uninstall_fast_components
 
     n_layers = vlm.cfg.n_layers
     noop_hooks = [(f"blocks.{layer}.hook_resid_post", lambda value, hook: None) for layer in range(n_layers)]

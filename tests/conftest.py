@@ -1,12 +1,7 @@
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from factories import save_llava, tiny_llava_config  # noqa: E402
+from vlm_lens.architectures.llava.testing import save_llava, tiny_llava_config
 
 torch.set_num_threads(1)  # tiny models: threads cost more than they give
 

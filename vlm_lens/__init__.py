@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from vlm_lens import _compat  # noqa: F401  (must run before TransformerLens warns)
+from vlm_lens._tl import compat  # noqa: F401  (must run before TransformerLens warns)
 
 if TYPE_CHECKING:
     from vlm_lens.hooked_vlm import HookedVLM

@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from transformer_lens.utilities.logits_utils import sample_logits
 
+from vlm_lens._tl.kv_cache import new_cache
+from vlm_lens.context import PromptImages
 from vlm_lens.inputs import VLMInputs
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def generate(
     extras = {k: v for k, v in inputs.extras.items() if k in model.pipeline.extra_keys}
     device = model.cfg.device
     tokens, attention_mask = inputs.tokens.to(device), inputs.attention_mask.to(device).long()
-    image_mask = model._check_image_inputs(tokens, pixel_values, extras)
+    image_mask, plan = model._check_image_inputs(tokens, pixel_values, extras)
     if tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
         raise ValueError(
             f"{tokens.shape[1]} prompt tokens + {max_new_tokens} new tokens exceed the context of {model.cfg.n_ctx}."
@@ -84,35 +85,33 @@ def generate(
     pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else (eos_token_id or 0)
     batch, prompt_len = tokens.shape
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, batch) if use_past_kv_cache else None
+    cache = new_cache(model.cfg, device, batch) if use_past_kv_cache else None
 
     with model.hooks(fwd_hooks=list(fwd_hooks)):
-        if pixel_values is not None:
-            model._generation_images = (image_mask, model.pipeline.encode(model, pixel_values, extras))
-        try:
-            step_input, step_mask = tokens, attention_mask
-            for _ in tqdm(range(max_new_tokens), disable=not verbose):
-                logits = model.forward(step_input, return_type="logits", attention_mask=step_mask,
-                                       past_kv_cache=cache, **extras)  # extras: e.g. positions need image grids
-                final = logits[:, -1, :]
-                if do_sample:
-                    next_tok = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature,
-                                             tokens=tokens)
-                else:
-                    next_tok = final.argmax(dim=-1)
-                next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)
-                tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
-                attention_mask = torch.cat([attention_mask, torch.ones_like(next_tok[:, None])], dim=1)
-                if stop_at_eos and eos_token_id is not None:
-                    finished |= next_tok == eos_token_id
-                    if finished.all():
-                        break
-                if use_past_kv_cache:
-                    step_input, step_mask = next_tok[:, None], torch.ones_like(next_tok[:, None])
-                else:
-                    step_input, step_mask = tokens, attention_mask
-        finally:
-            model._generation_images = None
+        # The prompt's images, encoded once; this object lives for this call only.
+        embeds = None if plan is None else model._encode(pixel_values, plan)
+        prompt = PromptImages(image_mask, embeds, extras)
+        step_input, step_mask = tokens, attention_mask
+        for _ in tqdm(range(max_new_tokens), disable=not verbose):
+            logits = model.forward(step_input, return_type="logits", attention_mask=step_mask,
+                                   past_kv_cache=cache, prompt_images=prompt)
+            final = logits[:, -1, :]
+            if do_sample:
+                next_tok = sample_logits(final, top_k=top_k, top_p=top_p, temperature=temperature,
+                                         tokens=tokens)
+            else:
+                next_tok = final.argmax(dim=-1)
+            next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)
+            tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(next_tok[:, None])], dim=1)
+            if stop_at_eos and eos_token_id is not None:
+                finished |= next_tok == eos_token_id
+                if finished.all():
+                    break
+            if use_past_kv_cache:
+                step_input, step_mask = next_tok[:, None], torch.ones_like(next_tok[:, None])
+            else:
+                step_input, step_mask = tokens, attention_mask
     return _format(model, tokens, prompt_len, return_type)
 
 

@@ -1,40 +1,45 @@
 """HookedVLM: a TransformerLens ``HookedTransformer`` that also owns a hooked vision tower and projector.
 
-Wiring: pixels -> ``vision`` -> ``hook_image_features`` -> ``projector`` -> ``hook_image_embeds`` ->
-written over the image-token positions by ``embed`` -> ``hook_embed`` -> the language model.
+The core owns the hook skeleton; the family's ``ImagePipeline`` (``vlm_lens.pipeline``) supplies the pieces::
+
+    pixels -> vision -> hook_image_features -> projector -> pack -> hook_image_embeds
+           -> written over the image-token positions by ``embed`` -> hook_embed -> the language model
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from transformer_lens import HookedTransformer
 from transformer_lens.config import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
-import vlm_lens._compat  # noqa: F401  (silences TL's HookedTransformer deprecation, once)
+from vlm_lens import _tl
 from vlm_lens._memory import cpu_bytes, keep_cache_memory
+from vlm_lens._tl.kv_cache import cached_length
+from vlm_lens.architectures.registry import get_spec
 from vlm_lens.config import VLMConfig
+from vlm_lens.context import CALL, CallContext, PromptImages
 from vlm_lens.embed import MergingEmbed
-from vlm_lens.image_pipeline import build_pipeline
 from vlm_lens.inputs import VLMInputs
-from vlm_lens.projector import LlavaProjector
-from vlm_lens.vision import build_vision_tower
-
-if TYPE_CHECKING:
-    from vlm_lens.inputs import ImageLayout
+from vlm_lens.pipeline import ImagePlan
 
 
 class HookedVLM(HookedTransformer):
     """A vision-language model with TransformerLens hooks on every visual token.
 
     Example:
-        >>> from vlm_lens import HookedVLM
-        >>> model = HookedVLM.from_pretrained("llava-hf/llava-1.5-7b-hf")  # doctest: +SKIP
-        >>> inputs = model.prepare("USER: <image>\\nWhat is this? ASSISTANT:", images=[img])  # doctest: +SKIP
-        >>> logits, cache = model.run_with_cache(inputs)  # doctest: +SKIP
+        >>> from vlm_lens import organism
+        >>> model = organism.load()
+        >>> item = organism.ShapesDataset(split="test", seed=0, size=1)[0]
+        >>> inputs = model.prepare(item.prompt, images=[item.image])
+        >>> logits, cache = model.run_with_cache(inputs)
+        >>> cache["hook_image_embeds"].shape == (1, 9, model.cfg.d_model)
+        True
+        >>> tuple(inputs.layout.grid(0).shape)
+        (3, 3)
     """
 
     def __init__(
@@ -45,25 +50,23 @@ class HookedVLM(HookedTransformer):
         processor: Any = None,
         move_to_device: bool = True,
         default_padding_side: str | None = None,
+        fast: bool | None = None,
     ):
         super().__init__(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side=default_padding_side)
         self.vlm_cfg = vlm_cfg
         self.processor = processor
         self.embed = MergingEmbed(self.cfg)
-        self.vision = build_vision_tower(vlm_cfg, dtype=self.cfg.dtype)
-        self.hook_image_features = HookPoint()  # [n_images, n_image_tokens, d_features]
-        self.projector = LlavaProjector(vlm_cfg, self.cfg.d_model, dtype=self.cfg.dtype)
+        self.hook_image_features = HookPoint()  # what the projector reads
         self.hook_image_embeds = HookPoint()  # [n_images, n_image_tokens, d_model] or [total_tokens, d_model]
-        if vlm_cfg.image_newline:
-            self.image_newline = torch.nn.Parameter(torch.empty(self.cfg.d_model, dtype=self.cfg.dtype))
-        self.pipeline = build_pipeline(vlm_cfg.pipeline)
-        self.pipeline.install(self)  # an architecture's own modules (e.g. another projector), before hooks exist
-        self._generation_images: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pipeline = get_spec(vlm_cfg.architecture).pipeline()
+        self.pipeline.build(self)  # model.vision, model.projector and the family's own modules
         if move_to_device:
             self.to(self.cfg.device)
-        from vlm_lens.fast import install_fast_components  # same hooks, no per-forward weight copies
+        self.fast = _tl.resolve_fast(fast)
+        if self.fast:
+            from vlm_lens._tl.fast import install_fast_components  # same hooks, no per-forward weight copies
 
-        install_fast_components(self)
+            install_fast_components(self)
         self.setup()
 
     # ----------------------------------------------------------------------------------- loading
@@ -71,19 +74,21 @@ class HookedVLM(HookedTransformer):
     def from_pretrained(cls, model_name: str, *, device: str | torch.device = "cpu",
                         dtype: torch.dtype | str = torch.float32, fold_ln: bool = True,
                         center_writing_weights: bool = True, center_unembed: bool = True,
-                        fold_value_biases: bool = True, allow_pickle: bool = False,
+                        fold_value_biases: bool = True, allow_pickle: bool = False, fast: bool | None = None,
                         **hf_kwargs: Any) -> HookedVLM:
         """Load a Hugging Face checkpoint (hub id or local folder), processing weights as
         TransformerLens does (fold_ln, center_writing_weights, center_unembed, fold_value_biases).
 
         Only safetensors are read unless ``allow_pickle=True``; ``trust_remote_code`` is never used.
+        ``fast=False`` keeps TransformerLens's own components (``None``: the fast ones where the installed
+        TransformerLens is in the tested range and ``VLM_LENS_FAST`` is not ``0``).
         """
         from vlm_lens.loading import load_pretrained
 
         processing = dict(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                           center_unembed=center_unembed, fold_value_biases=fold_value_biases)
         return load_pretrained(cls, model_name, device=device, dtype=dtype, processing=processing,
-                               allow_pickle=allow_pickle, **hf_kwargs)
+                               allow_pickle=allow_pickle, fast=fast, **hf_kwargs)
 
     @classmethod
     def from_pretrained_no_processing(cls, model_name: str, **kwargs: Any) -> HookedVLM:
@@ -93,7 +98,8 @@ class HookedVLM(HookedTransformer):
 
     @classmethod
     def from_hf(cls, hf_model: Any, processor: Any = None, *, processing: bool = False,
-                device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> HookedVLM:
+                device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                fast: bool | None = None) -> HookedVLM:
         """Wrap an in-memory HF model (its weights are copied only where the layout changes).
 
         Weights are raw by default (``processing=False``), so the cache equals HF hidden states.
@@ -102,7 +108,7 @@ class HookedVLM(HookedTransformer):
 
         steps = dict(fold_ln=processing, center_writing_weights=processing, center_unembed=processing,
                      fold_value_biases=processing)
-        return build_from_hf(cls, hf_model, processor, processing=steps, device=device, dtype=dtype)
+        return build_from_hf(cls, hf_model, processor, processing=steps, device=device, dtype=dtype, fast=fast)
 
     def set_tokenizer(self, tokenizer: Any, default_padding_side: str | None = None) -> None:
         """Keep the checkpoint's own tokenizer (TransformerLens would re-load it from its name)."""
@@ -146,11 +152,16 @@ class HookedVLM(HookedTransformer):
     def encode_images(self, pixel_values: torch.Tensor, **extras: Any) -> Float[torch.Tensor, "total_image_tokens d_model"]:
         """Vision tower -> ``hook_image_features`` -> projector -> ``hook_image_embeds``, flattened in
         sequence order (``extras``: per-architecture inputs such as ``image_sizes``)."""
-        self.pipeline.check(self, pixel_values, extras)
-        return self.pipeline.encode(self, pixel_values, extras)
+        return self._encode(pixel_values, self.pipeline.plan(self, pixel_values, extras))
+
+    def _encode(self, pixel_values: torch.Tensor, plan: ImagePlan) -> torch.Tensor:
+        """The one encode path of every family: the pipeline supplies the pieces, the core fires the hooks."""
+        features = self.hook_image_features(self.pipeline.features(self, pixel_values, plan))
+        embeds = self.hook_image_embeds(self.pipeline.pack(self, self.projector(features), plan))
+        return embeds.reshape(-1, embeds.shape[-1])
 
     def _check_image_inputs(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None,
-                            extras: dict[str, Any] | None = None) -> torch.Tensor:
+                            extras: dict[str, Any] | None = None) -> tuple[torch.Tensor, ImagePlan | None]:
         """Validate before anything runs, so a bad call fires no hook and changes nothing."""
         image_mask = tokens == self.image_token_id
         n_tokens = int(image_mask.sum())
@@ -161,14 +172,15 @@ class HookedVLM(HookedTransformer):
                     "pixel_values were given. Pass pixel_values=..., or build the input with "
                     "model.prepare(prompt, images=[...])."
                 )
-            return image_mask
+            return image_mask, None
         if not torch.is_tensor(pixel_values):
             raise ValueError(f"pixel_values must be a tensor, got {type(pixel_values).__name__}.")
-        per_image = self.pipeline.check(self, pixel_values, extras or {})
+        plan = self.pipeline.plan(self, pixel_values, extras or {})
+        per_image = plan.tokens_per_image
         n_features = sum(per_image)
         if n_tokens == 0:
             raise ValueError(
-                f"pixel_values for {pixel_values.shape[0]} image(s) were given but the tokens contain no "
+                f"pixel_values for {len(per_image)} image(s) were given but the tokens contain no "
                 f"image token (id {self.image_token_id}). Put the image placeholder in the prompt and "
                 "expand it with model.prepare(prompt, images=[...])."
             )
@@ -178,15 +190,16 @@ class HookedVLM(HookedTransformer):
                 f"{n_features} image features ({', '.join(map(str, per_image))} per image). Each image needs "
                 "exactly that many image tokens; use model.prepare(...) to expand placeholders."
             )
-        return image_mask
+        return image_mask, plan
 
     # ----------------------------------------------------------------------------------- forward
     def forward(self, input: Any, *args: Any, pixel_values: torch.Tensor | None = None,
-                **kwargs: Any) -> Any:
+                prompt_images: PromptImages | None = None, **kwargs: Any) -> Any:
         """HookedTransformer's forward, with images.
 
         ``input`` is a ``VLMInputs`` (from ``model.prepare``), or tokens with the image tokens already
         expanded plus ``pixel_values``; strings and text-only tokens work as in TransformerLens.
+        ``prompt_images`` is ``generate``'s: the prompt's images, encoded once.
         """
         extras = {k: kwargs.pop(k) for k in self.pipeline.extra_keys if k in kwargs}
         if isinstance(input, VLMInputs):
@@ -209,23 +222,30 @@ class HookedVLM(HookedTransformer):
             input = self.to_tokens(input)
         tokens = input if input.ndim == 2 else input[None]
         past_kv_cache = kwargs.get("past_kv_cache")
-        mask, embeds = self._image_merge(tokens, pixel_values, past_kv_cache, extras)
-        context = self.pipeline.forward_context(self, tokens, mask, kwargs.get("attention_mask"), past_kv_cache,
-                                                extras)
-        with self.embed.merging(mask, embeds), context:
+        call = self._call_context(tokens, pixel_values, prompt_images, past_kv_cache, extras)
+        call.positions = self.pipeline.positions(
+            self, tokens, call.image_mask, kwargs.get("attention_mask"), past_kv_cache,
+            None if prompt_images is None else prompt_images.positions, extras)
+        if prompt_images is not None:
+            prompt_images.positions = call.positions
+        with CALL.bind(call):
             return super().forward(tokens, *args, **kwargs)
 
-    def _image_merge(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None, past_kv_cache: Any,
-                     extras: dict[str, Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self._generation_images is not None and pixel_values is None:
+    def _call_context(self, tokens: torch.Tensor, pixel_values: torch.Tensor | None,
+                      prompt_images: PromptImages | None, past_kv_cache: Any,
+                      extras: dict[str, Any]) -> CallContext:
+        if prompt_images is not None:
+            if pixel_values is not None:
+                raise ValueError("Pass pixel_values or prompt_images, not both.")
+            extras.update(prompt_images.extras)
             # Inside generate(): the prompt's images go in wherever the call covers the prompt.
-            prompt_mask, embeds = self._generation_images
-            starts_at_zero = past_kv_cache is None or past_kv_cache[0].past_keys.shape[1] == 0
-            return (prompt_mask, embeds) if starts_at_zero else (None, None)
-        image_mask = self._check_image_inputs(tokens, pixel_values, extras)
-        if pixel_values is None:
-            return None, None
-        return image_mask, self.pipeline.encode(self, pixel_values, extras)
+            if cached_length(past_kv_cache) == 0 and prompt_images.image_embeds is not None:
+                return CallContext(prompt_images.image_mask, prompt_images.image_embeds)
+            return CallContext()
+        image_mask, plan = self._check_image_inputs(tokens, pixel_values, extras)
+        if plan is None:
+            return CallContext()
+        return CallContext(image_mask, self._encode(pixel_values, plan))
 
     # ----------------------------------------------------------------------------------- inputs
     def prepare(self, prompts: str | list[str], images: Any = None, **kwargs: Any) -> VLMInputs:
@@ -242,15 +262,9 @@ class HookedVLM(HookedTransformer):
             return labelled_str_tokens(self, input)
         return super().to_str_tokens(input, *args, **kwargs)
 
-    def layout(self, inputs: VLMInputs) -> ImageLayout:
-        return inputs.layout
-
     def run_with_cache(self, *model_args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        """TransformerLens's ``run_with_cache``; on CPU the cache's memory is reused by the next call.
-
-        With glibc's default settings a dropped cache's memory goes back to the operating system and
-        the next call faults it in again; see ``vlm_lens.reuse_cache_memory`` to turn the reuse off.
-        """
+        """TransformerLens's ``run_with_cache``. With ``vlm_lens.reuse_cache_memory(True)`` (off by
+        default) a CPU cache's memory is kept for the next call; see ``vlm_lens.reuse_cache_memory``."""
         out, cache = super().run_with_cache(*model_args, **kwargs)
         keep_cache_memory(cpu_bytes(cache.values()))
         return out, cache
@@ -261,6 +275,3 @@ class HookedVLM(HookedTransformer):
         from vlm_lens.generation import generate
 
         return generate(self, input, max_new_tokens=max_new_tokens, **kwargs)
-
-
-Tokens = Int[torch.Tensor, "batch pos"]

@@ -159,21 +159,17 @@ def build_layout(image_mask: torch.Tensor, tokens_per_image: int, grid_shape: tu
     rows, cols = grid_shape
     if tokens_per_image != n_leading_extra + rows * cols:
         raise ValueError(f"{tokens_per_image} tokens per image do not fit a {rows}x{cols} grid.")
-    spans = []
-    for b in range(image_mask.shape[0]):
-        positions = image_mask[b].nonzero().flatten().cpu()
-        if len(positions) % tokens_per_image:
+    counts = image_mask.sum(dim=1).tolist()
+    for b, n in enumerate(counts):
+        if n % tokens_per_image:
             raise ValueError(
-                f"batch row {b} has {len(positions)} image tokens, not a multiple of the "
-                f"{tokens_per_image} tokens one image takes."
+                f"batch row {b} has {n} image tokens, not a multiple of the {tokens_per_image} tokens one image takes."
             )
-        for chunk in positions.split(tokens_per_image) if len(positions) else ():
-            if chunk[-1] - chunk[0] + 1 != tokens_per_image:
-                raise ValueError(f"batch row {b}: an image's {tokens_per_image} tokens are not contiguous.")
-            spans.append(ImageSpan(
-                batch=b, start=int(chunk[0]), end=int(chunk[-1]) + 1,
-                grid=chunk[n_leading_extra:].reshape(rows, cols), extra=chunk[:n_leading_extra],
-            ))
+    sizes = [tokens_per_image] * (int(sum(counts)) // tokens_per_image)
+    spans = [ImageSpan(batch=b, start=int(chunk[0]), end=int(chunk[-1]) + 1,
+                       grid=chunk[n_leading_extra:].reshape(rows, cols), extra=chunk[:n_leading_extra])
+             for b, _, chunk in split_image_tokens(image_mask, sizes, "the image tokens",
+                                                   lambda k: f"{tokens_per_image} tokens")]
     return ImageLayout(tuple(spans))
 
 

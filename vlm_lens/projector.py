@@ -1,4 +1,4 @@
-"""Hooked multimodal projectors (vision features -> language-model embeddings)."""
+"""Hooked multimodal projectors shared by several families (vision features -> language-model embeddings)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 from transformers.activations import ACT2FN
 
-from vlm_lens.config import VLMConfig
-
 
 class LlavaProjector(nn.Module):
     """LLaVA's two-layer MLP: ``W_out @ act(W_in @ x + b_in) + b_out``; biases optional.
@@ -18,20 +16,19 @@ class LlavaProjector(nn.Module):
     ``projector.hook_out`` (image embeddings in the LM's space).
     """
 
-    def __init__(self, cfg: VLMConfig, d_model: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, d_in: int, d_model: int, act: str, bias: bool, dtype: torch.dtype = torch.float32):
         super().__init__()
-        d_in = cfg.d_image_features
         self.W_in = nn.Parameter(torch.empty(d_in, d_model, dtype=dtype))
         self.W_out = nn.Parameter(torch.empty(d_model, d_model, dtype=dtype))
-        if cfg.projector_bias:
+        if bias:
             self.b_in = nn.Parameter(torch.empty(d_model, dtype=dtype))
             self.b_out = nn.Parameter(torch.empty(d_model, dtype=dtype))
         else:
             self.register_parameter("b_in", None)
             self.register_parameter("b_out", None)
-        if cfg.projector_act not in ACT2FN:
-            raise ValueError(f"Unknown projector activation {cfg.projector_act!r}.")
-        self.act = ACT2FN[cfg.projector_act]
+        if act not in ACT2FN:
+            raise ValueError(f"Unknown projector activation {act!r}; known: see transformers.activations.ACT2FN.")
+        self.act = ACT2FN[act]
         self.hook_in = HookPoint()  # [n_images, n_tokens, d_features]
         self.hook_hidden = HookPoint()  # [n_images, n_tokens, d_model]
         self.hook_out = HookPoint()  # [n_images, n_tokens, d_model]

@@ -1,8 +1,8 @@
 import torch
-from factories import make_tokenizer
 
 from vlm_lens.analysis import hit_rate, logit_lens
 from vlm_lens.analysis.logit_lens import LogitLensResult
+from vlm_lens.testing import make_tokenizer
 
 
 def test_last_layer_lens_equals_model_output(raw_model, two):

@@ -25,8 +25,8 @@ class HookedCLIPVision(HookedViT):
         >>> feats = model.vision(pixel_values)  # doctest: +SKIP
     """
 
-    def __init__(self, cfg: VLMConfig, dtype: torch.dtype = torch.float32):
-        super().__init__(cfg, dtype)
+    def __init__(self, cfg: VLMConfig, dtype: torch.dtype = torch.float32, drop_class_token: bool = False):
+        super().__init__(cfg, dtype, drop_class_token)
         self.class_embedding = nn.Parameter(torch.empty(cfg.vision.d_model, dtype=dtype))
         self.ln_pre = LayerNorm(self.cfg)
 
@@ -42,5 +42,4 @@ class HookedCLIPVision(HookedViT):
             x = torch.cat([self.class_embedding.expand(n, 1, -1), x], dim=1)
         x = x + self.hook_pos_embed(self.W_pos.expand(n, -1, -1))
         x = self.ln_pre(x)
-        drop_cls = self.vlm_cfg.select_strategy == "default" and self.vision_cfg.has_class_token
-        return self.selected_hidden_states(x, drop_first=drop_cls)
+        return self.selected_hidden_states(x)

@@ -29,10 +29,10 @@ class HookedSiglipVision(HookedViT):
         >>> feats = model.vision(pixel_values)  # [n_tiles, n_patches, d_features]  # doctest: +SKIP
     """
 
-    def __init__(self, cfg: VLMConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: VLMConfig, dtype: torch.dtype = torch.float32, drop_class_token: bool = False):
         if cfg.vision.has_class_token:
             raise ValueError("A SigLIP VisionConfig must have has_class_token=False.")
-        super().__init__(cfg, dtype)
+        super().__init__(cfg, dtype, drop_class_token)
         self.b_patch = nn.Parameter(torch.empty(cfg.vision.d_model, dtype=dtype))
 
     def forward(

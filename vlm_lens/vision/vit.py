@@ -46,9 +46,13 @@ def vision_block_config(vcfg: VisionConfig, n_layers: int, dtype: torch.dtype) -
 class HookedViT(nn.Module):
     """The shared part of the CLIP and SigLIP towers (parameters allocated, never initialised)."""
 
-    def __init__(self, cfg: VLMConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: VLMConfig, dtype: torch.dtype = torch.float32, drop_class_token: bool = False):
         super().__init__()
         vcfg = cfg.vision
+        if drop_class_token and not vcfg.has_class_token:
+            raise ValueError(f"drop_class_token=True, but the {vcfg.family} tower has no class token (it would "
+                             "drop a patch); keep every token (LLaVA: vision_feature_select_strategy='full').")
+        self.drop_class_token = drop_class_token
         self.vlm_cfg = cfg
         self.vision_cfg = vcfg
         n_built = cfg.n_vision_layers_used
@@ -75,10 +79,11 @@ class HookedViT(nn.Module):
                 "checkpoint's image processor."
             )
 
-    def selected_hidden_states(self, x: torch.Tensor, drop_first: bool = False) -> torch.Tensor:
+    def selected_hidden_states(self, x: torch.Tensor) -> torch.Tensor:
         """Run the blocks on the embedded sequence ``x`` and return the hidden states of the VLM's
-        feature layers (0 = the blocks' input), concatenated on the last dim; ``drop_first`` drops
-        the first token (CLIP's class token under the "default" strategy)."""
+        feature layers (0 = the blocks' input), concatenated on the last dim, without the class token
+        where ``drop_class_token`` (LLaVA's "default" strategy)."""
+        drop_first = self.drop_class_token
         wanted = set(self.vlm_cfg.feature_layers)
         hidden = {0: x} if 0 in wanted else {}
         for i, block in enumerate(self.blocks):

@@ -1,0 +1,104 @@
+"""The loader's memory discipline: checkpoint files read per tensor, weights processed one block at a
+time with the same result as TransformerLens's whole-dict processing, each source freed once moved.
+
+Peak resident memory itself is measured by the benchmarks (benchmarks/probes.py), not here.
+"""
+
+import copy
+import re
+import weakref
+
+import pytest
+import torch
+from transformer_lens.weight_processing import ProcessWeights
+
+import vlm_lens.loading.load as loading
+from vlm_lens import HookedVLM
+from vlm_lens._tl.processing import FOLDED_NORMS, LM_PREFIXES, lm_groups, process_group
+from vlm_lens.architectures import get_spec
+from vlm_lens.architectures.llava.testing import make_hf_llava, save_llava, tiny_llava_config
+from vlm_lens.loading.checkpoint import safetensors_files
+from vlm_lens.testing import image_prompt_tokens, random_pixels
+
+STEPS = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
+
+
+@pytest.mark.parametrize("lm", ["llama", "qwen2"])  # qwen2: q/k/v biases, so value biases get folded
+def test_grouped_processing_equals_transformer_lens_whole_dict(lm):
+    hf = make_hf_llava(tiny_llava_config(lm), seed=1)
+    spec = get_spec("LlavaForConditionalGeneration")
+    cfg, vlm_cfg = spec.build_configs(hf.config, torch.float32, "cpu")
+    with torch.no_grad():
+        lm_state = {k: v.detach().clone() for k, v in spec.convert_weights(hf, cfg, vlm_cfg).items()
+                    if k.startswith(LM_PREFIXES)}
+    whole = ProcessWeights.process_weights(dict(lm_state), copy.copy(cfg), **STEPS)
+    grouped = {}
+    for name, keys in lm_groups(list(lm_state)):
+        grouped.update(process_group(name, {k: lm_state[k] for k in keys}, cfg, STEPS))
+    folded = {k for k in whole if k.endswith(FOLDED_NORMS)}
+    assert folded and all(torch.all(whole[k] == 1) for k in folded)  # what grouping drops is identity
+    assert set(grouped) == set(whole) - folded
+    for key, value in grouped.items():
+        # W_U is centred on a contiguous copy here and on a transposed view there: rounding only.
+        torch.testing.assert_close(value, whole[key], atol=1e-6, rtol=0, msg=key)
+    # Processing really happened: every weight that reads a folded norm changed.
+    readers = [k for k in grouped if re.search(r"attn\._?W_[QKV]$|mlp\.W_(in|gate)$|unembed\.W_U$", k)]
+    assert len(readers) == 5 * hf.config.text_config.num_hidden_layers + 1
+    assert all(not torch.allclose(grouped[k], lm_state[k]) for k in readers)
+
+
+def test_each_block_is_freed_once_moved(monkeypatch):
+    """After a block's attention or MLP is processed, the HF tensors it came from are gone."""
+    hf = make_hf_llava(tiny_llava_config(), seed=2)
+    layers = hf.model.language_model.layers
+    sources = {}
+    for i, layer in enumerate(layers):
+        attn = [*layer.self_attn.parameters(), layer.input_layernorm.weight]
+        mlp = [*layer.mlp.parameters(), layer.post_attention_layernorm.weight]
+        sources[f"blocks.{i}.attn"] = [weakref.ref(p) for p in attn]
+        sources[f"blocks.{i}.mlp"] = [weakref.ref(p) for p in mlp]
+    del attn, mlp, layer
+    sources["unembed"] = [weakref.ref(hf.lm_head.weight)]
+    alive_after = {}
+    real = loading.process_group
+
+    def watched(name, part, cfg, steps):
+        out = real(name, part, cfg, steps)
+        if name in sources:
+            alive_after[name] = sum(ref() is not None for ref in sources[name])
+        return out
+
+    monkeypatch.setattr(loading, "process_group", watched)
+    holder = [hf]
+    del hf, layers
+    model = loading.build_from_hf(HookedVLM, holder, None, processing=STEPS)
+    assert set(alive_after) == set(sources)
+    assert alive_after == {name: 0 for name in sources}
+    assert not holder and isinstance(model, HookedVLM)
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tmp_path):
+    single, hf = save_llava(tmp_path / "single", tiny_llava_config())
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    files = safetensors_files(str(sharded))
+    assert files is not None and len(files) > 1
+    tokens, pixels = image_prompt_tokens(16, batch=2), random_pixels(2)
+    with torch.no_grad():
+        ref = HookedVLM.from_pretrained_no_processing(str(single))(tokens, pixel_values=pixels)
+        got = HookedVLM.from_pretrained_no_processing(str(sharded))(tokens, pixel_values=pixels)
+        hf_logits = hf.eval()(input_ids=tokens, pixel_values=pixels).logits
+    assert torch.equal(got, ref)
+    assert (got - hf_logits).abs().max() <= 1e-4
+
+
+def test_pickle_checkpoint_loads_with_the_flag(tmp_path):
+    path, hf = save_llava(tmp_path, tiny_llava_config())
+    (path / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), path / "pytorch_model.bin")
+    assert safetensors_files(str(path)) is None
+    model = HookedVLM.from_pretrained_no_processing(str(path), allow_pickle=True)
+    tokens, pixels = image_prompt_tokens(16), random_pixels(1)
+    with torch.no_grad():
+        diff = (model(tokens, pixel_values=pixels) - hf.eval()(input_ids=tokens, pixel_values=pixels).logits)
+    assert diff.abs().max() <= 1e-4

@@ -1,0 +1,175 @@
+"""Loading HF checkpoints into a HookedVLM: strict, and never two full copies of the weights at once.
+
+transformers builds the HF model from safetensors read one tensor at a time (``loading/checkpoint.py``); the
+model is converted into a state dict of views of its tensors and dropped; then the weights move into a
+HookedVLM whose parameters were allocated but never written (so never resident): vision and projector
+tensors one at a time, language-model weights one block at a time through TransformerLens's processing
+(``_tl/processing.py``). Each source tensor is freed as soon as it has moved, so the peak is about one copy
+of the weights plus one block (benchmarks/results/ has the measured figures).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlm_lens._memory import Trimmer, release_freed_memory
+from vlm_lens._tl.processing import (
+    LM_PREFIXES,
+    drain,
+    folded_config,
+    lm_groups,
+    process_group,
+    processed_keys,
+)
+from vlm_lens._tl.weights import set_parameter
+from vlm_lens.architectures.checks import require_exact_keys
+from vlm_lens.architectures.registry import architecture_of, get_spec
+from vlm_lens.loading.checkpoint import (
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    STRICT_REPORT,
+    load_hf_model,
+    safetensors_files,
+)
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype.")
+    return _DTYPES[dtype]
+
+
+def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, processing: dict[str, bool],
+                    allow_pickle: bool, fast: bool | None = None, **hf_kwargs: Any) -> Any:
+    from transformers import AutoConfig
+
+    dtype = resolve_dtype(dtype)
+    hf_kwargs.pop("trust_remote_code", None)
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **hf_kwargs)
+    spec = get_spec(architecture_of(config))
+    try:
+        files = safetensors_files(name_or_path, **hf_kwargs)
+        if files is not None:
+            hf_model, info = load_hf_model(spec.hf_class(), config, files, dtype, **hf_kwargs)
+        elif allow_pickle:
+            hf_model, info = spec.hf_class().from_pretrained(
+                name_or_path, dtype=dtype, use_safetensors=False, output_loading_info=True,
+                trust_remote_code=False, **{**hf_kwargs, **STRICT_REPORT},
+            )
+        else:
+            raise ValueError(
+                f"{name_or_path!r} has no safetensors weights ({SAFE_WEIGHTS} or {SAFE_INDEX}). If the "
+                "checkpoint has only pickle (.bin) weights and you trust it, pass allow_pickle=True."
+            )
+    except OSError as err:
+        raise ValueError(f"Could not load weights from {name_or_path!r}: {err}.") from err
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(_describe, v))[:12]}" for k, v in problems.items())
+        raise ValueError(
+            f"Checkpoint {name_or_path!r} does not match its config ({detail}). vlm_lens never fills "
+            "missing weights; fix or re-save the checkpoint."
+        )
+    processor = _load_processor(name_or_path, spec.load_processor, **hf_kwargs)
+    holder = [hf_model]
+    del hf_model
+    return build_from_hf(cls, holder, processor, processing=processing, device=device, dtype=dtype, fast=fast)
+
+
+def _describe(entry: Any) -> str:
+    """A loading-report entry: a key, or (key, checkpoint shape, model shape) for a mis-shaped weight."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        key, found, expected = entry
+        return f"{key}: checkpoint {tuple(found)} vs config {tuple(expected)}"
+    return str(entry)
+
+
+def _load_processor(name_or_path: str, load: Any = None, **hf_kwargs: Any) -> Any:
+    from transformers import AutoProcessor
+
+    load = load or AutoProcessor.from_pretrained  # an architecture may register its own loader
+    try:
+        return load(name_or_path, trust_remote_code=False, **hf_kwargs)
+    except (OSError, ValueError, TypeError, ImportError) as err:
+        logger.warning("No processor loaded for %s (%s); model.prepare() will not be available.",
+                       name_or_path, err)
+        return None
+
+
+def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[str, bool],
+                  device: Any = None, dtype: Any = None, fast: bool | None = None) -> Any:
+    """Convert an HF model. ``hf_model`` may be a one-element list, which is emptied to free it early.
+
+    Weights move into the HookedVLM one tensor at a time (vision, projector) or one group at a time
+    (language model: embedding, each block's attention and MLP, unembedding, where processing makes new
+    tensors); each source tensor is released once it has been moved.
+    """
+    holder = hf_model if isinstance(hf_model, list) else [hf_model]
+    model = holder[0]
+    dtype = resolve_dtype(dtype) or next(model.parameters()).dtype
+    device = device or next(model.parameters()).device
+    spec = get_spec(architecture_of(model.config) or type(model).__name__)
+    cfg, vlm_cfg = spec.build_configs(model.config, dtype, str(device))
+    with torch.no_grad():  # views without autograd graphs, which would keep HF's parameters alive
+        state = {k: v.detach() for k, v in spec.convert_weights(model, cfg, vlm_cfg).items()}
+    del model
+    holder.clear()  # from_pretrained's HF model is now only referenced through `state`
+    gc.collect()  # modules can sit in reference cycles; their tensors must be freed as `state` drains
+    process = any(processing.values())
+    fold = bool(processing.get("fold_ln"))
+    tokenizer = getattr(processor, "tokenizer", None)
+    vlm = cls(folded_config(cfg) if fold else cfg, vlm_cfg, tokenizer=tokenizer, processor=processor,
+              move_to_device=False, fast=fast)
+    params = _check_state(vlm, state, processed_keys(state, fold))
+    trimmer = Trimmer(sum(p.numel() * p.element_size() for p in params.values()) // 50)
+    for key in [k for k in state if not k.startswith(LM_PREFIXES)]:
+        trimmer.freed(_assign(vlm, params, key, state.pop(key), dtype))
+    for name, keys in lm_groups(list(state)):
+        part = {k: state.pop(k) for k in keys}
+        if process:
+            with torch.no_grad():
+                part = process_group(name, part, cfg, processing)
+            release_freed_memory()  # the group's intermediate copies
+        for key, tensor in drain(part):
+            trimmer.freed(_assign(vlm, params, key, tensor, dtype))
+    release_freed_memory()
+    vlm.to(torch.device(device) if not isinstance(device, torch.device) else device)
+    vlm.eval()
+    return vlm
+
+
+def _check_state(model: nn.Module, state: dict[str, torch.Tensor], final_keys: set[str]) -> dict[str, nn.Parameter]:
+    """Strictly check names and shapes before anything moves (processing keeps shapes, drops norms)."""
+    params = dict(model.named_parameters())
+    require_exact_keys(final_keys, params.keys(), "HookedVLM",
+                       hint="This is a converter bug or an unsupported checkpoint variant.")
+    bad = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(p.shape)}"
+           for k, p in params.items() if state[k].shape != p.shape]
+    if bad:
+        raise ValueError("Weight shapes do not match the config:\n" + "\n".join(bad[:12]))
+    return params
+
+
+def _assign(model: nn.Module, params: dict[str, nn.Parameter], key: str, tensor: torch.Tensor,
+            dtype: torch.dtype) -> int:
+    """Move one tensor into the model, replacing a parameter that was allocated but never written.
+
+    Returns the bytes of the moved tensor (its source is freed when the caller drops it)."""
+    module_path, _, name = key.rpartition(".")
+    placeholder = params.pop(key)  # dropped with this call, so it can be freed too
+    tensor = tensor.detach().to(dtype).contiguous()
+    set_parameter(model.get_submodule(module_path), name, tensor, placeholder.requires_grad)
+    return tensor.numel() * tensor.element_size()
+
