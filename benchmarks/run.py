@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-probes", action="store_true",
                    help="skip the fresh-process import/load probes (about 10 s of CPU each)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--no-cache-memory-reuse", action="store_true",
-                   help="vlm_lens.reuse_cache_memory(False): glibc's own trimming (see README.md)")
+    p.add_argument("--cache-memory-reuse", action="store_true",
+                   help="vlm_lens.reuse_cache_memory(True) for the whole run (default: off, as in the library)")
     p.add_argument("--folder", type=Path, default=None, help="reuse/build the model folder here")
     p.add_argument("--out", type=Path, default=RESULTS, help="where to write <config>.json/.md")
     return p.parse_args(argv)
@@ -102,6 +102,21 @@ def generate_cases(hf: dict, vlm, tokens: torch.Tensor, pixels: torch.Tensor, n_
     }
 
 
+def cache_all_with_memory_reuse(hf: dict, vlm, tokens: torch.Tensor, pixels: torch.Tensor, rounds: int,
+                                device: str) -> dict:
+    """The full cache again with ``reuse_cache_memory(True)`` (interleaved with HF's forward, which then
+    runs under the same allocator setting), then switched back off."""
+    from vlm_lens import reuse_cache_memory
+
+    reuse_cache_memory(True)
+    try:
+        cases = {"hf_sdpa_during_memory_reuse": lambda: hf["sdpa"](input_ids=tokens, pixel_values=pixels).logits,
+                 "vlm_cache_all_memory_reuse": lambda: vlm.run_with_cache(tokens, pixel_values=pixels)}
+        return interleaved(cases, rounds, device=device)
+    finally:
+        reuse_cache_memory(False)
+
+
 def cache_sizes(vlm, tokens: torch.Tensor, pixels: torch.Tensor) -> dict:
     out = {}
     filters = {"all": None, "resid_post": lambda name: name.endswith("hook_resid_post")}
@@ -129,10 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
     shape = SHAPES[args.config or ("quick" if args.quick else "cpu")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.no_cache_memory_reuse:
+    if args.cache_memory_reuse:
         from vlm_lens import reuse_cache_memory
 
-        reuse_cache_memory(False)
+        reuse_cache_memory(True)
     device = shape.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--config {shape.name} needs a CUDA GPU (it runs {shape.dtype} on cuda).")
@@ -163,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
                 ref = hf["sdpa"](input_ids=tokens, pixel_values=pixels).logits
                 diff = (vlm(tokens, pixel_values=pixels).float() - ref.float()).abs().max().item()
                 timing = interleaved(forward_cases(hf, vlm, tokens, pixels), n_rounds, device=device)
+                if not args.cache_memory_reuse:
+                    timing.update(cache_all_with_memory_reuse(hf, vlm, tokens, pixels, n_rounds, device))
             results["forward"][batch] = {"max_abs_logit_diff_vs_hf": diff, "cases": timing}
             results["cache_bytes"][batch] = cache_sizes(vlm, tokens, pixels)
         tokens, pixels = (t.to(device) for t in make_inputs(shape, 1))

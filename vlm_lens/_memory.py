@@ -10,11 +10,14 @@ Two opposite needs:
 - ``run_with_cache`` of everything allocates hundreds of MB of activations per call. When the cache is
   dropped, glibc hands the top of its heap back to the OS (it trims whatever exceeds 64 MiB), so the
   next call page-faults every byte in again: on the benchmark model that doubled the cost of a call
-  (93,000 faults, 0.65 s against a 0.5 s forward). ``keep_cache_memory`` raises glibc's trim threshold
-  to twice the largest cache seen so far, so a dropped cache's memory is reused by the next one, as
-  PyTorch's caching allocator does on GPUs. ``reuse_cache_memory(False)`` (or the environment variable
-  ``VLM_LENS_REUSE_CACHE_MEMORY=0``) turns this off; allocator settings the user made through
-  ``MALLOC_*`` environment variables or ``GLIBC_TUNABLES`` are never overridden.
+  (93,000 faults, 0.65 s against a 0.5 s forward). With ``reuse_cache_memory(True)`` (or the environment
+  variable ``VLM_LENS_REUSE_CACHE_MEMORY=1``), ``keep_cache_memory`` raises glibc's trim threshold to
+  twice the largest cache seen so far, so a dropped cache's memory is reused by the next one, as
+  PyTorch's caching allocator does on GPUs. It is off by default: the allocator is process-wide, and a
+  library should not change it for every other library in the process unasked. Allocator settings the
+  user made through ``MALLOC_*`` environment variables or ``GLIBC_TUNABLES`` are never overridden. The
+  usual alternative is to run PyTorch on CPU with jemalloc or tcmalloc (``LD_PRELOAD``), which keep
+  freed memory for reuse themselves.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def _user_configured() -> str | None:
 
 def _enabled() -> bool:
     if _CacheMemory.enabled is None:
-        _CacheMemory.enabled = os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+        _CacheMemory.enabled = os.environ.get(ENV_SWITCH, "0").strip().lower() in ("1", "true", "yes", "on")
     return _CacheMemory.enabled
 
 
@@ -143,7 +146,7 @@ def keep_cache_memory(cache_bytes: int) -> int:
     if not _CacheMemory.trim_threshold:
         logger.info(
             "vlm_lens keeps up to %d MiB of freed memory in the process for the next run_with_cache "
-            "(glibc trim threshold); vlm_lens.reuse_cache_memory(False) or %s=0 turns this off.",
+            "(glibc trim threshold); vlm_lens.reuse_cache_memory(False) turns this off (%s).",
             wanted >> 20, ENV_SWITCH,
         )
     _CacheMemory.trim_threshold = wanted
@@ -151,19 +154,28 @@ def keep_cache_memory(cache_bytes: int) -> int:
 
 
 def reuse_cache_memory(enabled: bool = True) -> None:
-    """Whether CPU ``run_with_cache`` keeps freed cache memory for the next call (default: on).
+    """Whether CPU ``run_with_cache`` keeps freed cache memory for the next call (default: off).
 
     A full cache allocates hundreds of MB per call; with glibc's default settings that memory goes back
     to the operating system when the cache is dropped and the next call page-faults it in again, which
     can double the call's time. While on, glibc keeps up to twice the largest cache of the session (at
-    most 2 GiB) in the process. Turning it off hands the kept memory back now and restores glibc's
-    usual trimming (freed memory above 64 MiB goes back). Process-wide, like the allocator.
+    most 2 GiB) in the process: it changes the allocator for the whole process, which is why it is
+    opt-in. Turning it off hands the kept memory back now and puts both thresholds back where glibc's
+    own policy had them: a 32 MiB mmap threshold and a trim threshold of twice that, the values glibc's
+    dynamic thresholds reach in any process that has freed a 32 MiB buffer (glibc can neither report
+    its thresholds nor resume adjusting them once set). The environment variable
+    ``VLM_LENS_REUSE_CACHE_MEMORY=1`` turns it on without code. Alternative: jemalloc or tcmalloc.
     """
     _CacheMemory.enabled = bool(enabled)
     if enabled or not _CacheMemory.trim_threshold:
         return
     mallopt = _mallopt()
     if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
         mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
     _CacheMemory.trim_threshold = 0
     release_freed_memory()
+
+
+def cache_memory_enabled() -> bool:
+    return _enabled()

@@ -17,7 +17,7 @@ from transformer_lens.config import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
 from vlm_lens import _tl
-from vlm_lens._memory import cpu_bytes, keep_cache_memory
+from vlm_lens._memory import cache_memory_enabled, cpu_bytes, keep_cache_memory
 from vlm_lens._tl.kv_cache import cached_length
 from vlm_lens.architectures.registry import get_spec
 from vlm_lens.config import VLMConfig
@@ -266,7 +266,8 @@ class HookedVLM(HookedTransformer):
         """TransformerLens's ``run_with_cache``. With ``vlm_lens.reuse_cache_memory(True)`` (off by
         default) a CPU cache's memory is kept for the next call; see ``vlm_lens.reuse_cache_memory``."""
         out, cache = super().run_with_cache(*model_args, **kwargs)
-        keep_cache_memory(cpu_bytes(cache.values()))
+        if cache_memory_enabled():
+            keep_cache_memory(cpu_bytes(cache.values()))
         return out, cache
 
     @torch.inference_mode()

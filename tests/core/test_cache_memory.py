@@ -29,11 +29,20 @@ def mallopt(monkeypatch):
     fake = FakeMallopt()
     monkeypatch.setattr(_memory, "_mallopt", lambda: fake)
     monkeypatch.setattr(_memory, "release_freed_memory", lambda: fake.calls.append(("trim", 0)))
-    monkeypatch.setattr(_memory._CacheMemory, "enabled", None)
+    monkeypatch.setattr(_memory._CacheMemory, "enabled", True)  # opted in (tests of the default set it back)
     monkeypatch.setattr(_memory._CacheMemory, "trim_threshold", 0)
     for name in (*_memory.USER_SETTINGS, _memory.ENV_SWITCH, "GLIBC_TUNABLES"):
         monkeypatch.delenv(name, raising=False)
     return fake
+
+
+@pytest.mark.parametrize("env, expected", [(None, False), ("1", True), ("0", False), ("on", True)])
+def test_off_by_default_and_opt_in_by_environment(raw_model, mallopt, monkeypatch, env, expected):
+    monkeypatch.setattr(_memory._CacheMemory, "enabled", None)
+    if env is not None:
+        monkeypatch.setenv(_memory.ENV_SWITCH, env)
+    _cache(raw_model)
+    assert bool(mallopt.calls) is expected and (_memory._CacheMemory.trim_threshold > 0) is expected
 
 
 def _cache(model, **kwargs):
@@ -69,7 +78,8 @@ def test_cache_bytes_count_shared_storage_once():
 def test_switching_off_restores_trimming_and_stops_changes(raw_model, mallopt):
     _cache(raw_model)
     vlm_lens.reuse_cache_memory(False)
-    assert mallopt.calls[-2:] == [(_memory.M_TRIM_THRESHOLD, _memory.DEFAULT_TRIM_THRESHOLD), ("trim", 0)]
+    assert mallopt.calls[-3:] == [(_memory.M_MMAP_THRESHOLD, _memory.MMAP_THRESHOLD),
+                                  (_memory.M_TRIM_THRESHOLD, _memory.DEFAULT_TRIM_THRESHOLD), ("trim", 0)]
     n_calls = len(mallopt.calls)
     _cache(raw_model)
     assert len(mallopt.calls) == n_calls and _memory._CacheMemory.trim_threshold == 0
@@ -82,7 +92,6 @@ def test_switching_off_restores_trimming_and_stops_changes(raw_model, mallopt):
     ("MALLOC_TRIM_THRESHOLD_", "1000000"),
     ("MALLOC_MMAP_THRESHOLD_", "65536"),
     ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1000000"),
-    (_memory.ENV_SWITCH, "0"),
 ])
 def test_user_settings_are_left_alone(raw_model, mallopt, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -129,6 +138,7 @@ def test_freed_memory_is_reused_without_page_faults():
             return faults
 
         default = faults_of_last_round()
+        _memory.reuse_cache_memory(True)
         kept = _memory.keep_cache_memory(200 * 2**20)
         print(default, faults_of_last_round(), kept)
     """)
