@@ -1,10 +1,10 @@
 """The TransformerLens version check and the choice between the fast path and TransformerLens's own."""
 
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from transformer_lens.components import GroupedQueryAttention, TransformerBlock
 
