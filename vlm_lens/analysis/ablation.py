@@ -15,23 +15,17 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 
+from vlm_lens.analysis.positions import per_row
+from vlm_lens.hooked_vlm import HookedVLM
 from vlm_lens.inputs import VLMInputs
 
 Replacement = Literal["zero", "mean", "noise"] | torch.Tensor
 Hook = tuple[str, Callable]
 
 
-def _per_row(positions: Any, batch: int) -> list[torch.Tensor]:
-    if torch.is_tensor(positions) or (isinstance(positions, list) and positions and isinstance(positions[0], int)):
-        return [torch.as_tensor(positions, dtype=torch.long)] * batch
-    if len(positions) != batch:
-        raise ValueError(f"give one position tensor per batch row ({batch}), got {len(positions)}.")
-    return [torch.as_tensor(p, dtype=torch.long) for p in positions]
-
-
 def embed_indices(inputs: VLMInputs, positions: Any) -> torch.Tensor:
     """Rows of the flattened ``hook_image_embeds`` that hold the given sequence positions."""
-    rows = _per_row(positions, inputs.tokens.shape[0])
+    rows = per_row(positions, inputs.tokens.shape[0])
     out, offset = [], 0
     for span in inputs.layout.spans:
         pos = rows[span.batch]
@@ -87,7 +81,7 @@ def embed_ablation_hooks(positions: Any, replacement: Replacement = "zero", *, m
     generator = torch.Generator().manual_seed(seed)
 
     def hook(value: torch.Tensor, hook: Any) -> torch.Tensor:
-        rows = _per_row(positions, value.shape[0])
+        rows = per_row(positions, value.shape[0])
         if max((int(r.max()) for r in rows if len(r)), default=-1) >= value.shape[1]:
             return value  # a KV-cached generation step: the prompt positions are not in this call
         value = value.clone()
@@ -99,7 +93,7 @@ def embed_ablation_hooks(positions: Any, replacement: Replacement = "zero", *, m
 
 
 @torch.no_grad()
-def mean_visual_token(model: Any, inputs: VLMInputs | Iterable[VLMInputs]) -> Float[torch.Tensor, "d_model"]:
+def mean_visual_token(model: HookedVLM, inputs: VLMInputs | Iterable[VLMInputs]) -> Float[torch.Tensor, "d_model"]:
     """The mean of ``hook_image_embeds`` over every visual token of the given inputs."""
     batches = [inputs] if isinstance(inputs, VLMInputs) else list(inputs)
     total, count = None, 0

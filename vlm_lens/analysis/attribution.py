@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from jaxtyping import Float
 
+from vlm_lens.hooked_vlm import HookedVLM
 from vlm_lens.inputs import VLMInputs
 
 Target = Callable[[torch.Tensor], torch.Tensor]
@@ -18,7 +19,7 @@ def logit_target(token: int, position: int = -1, batch: int = 0) -> Target:
     return lambda logits: logits[batch, position, token]
 
 
-def _run(model: Any, inputs: VLMInputs, embeds: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(model: HookedVLM, inputs: VLMInputs, embeds: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
     leaf = embeds.detach().requires_grad_(True)
     logits = model.run_with_hooks(inputs, fwd_hooks=[("hook_image_embeds", lambda v, hook: leaf.reshape(v.shape))])
     value = target(logits)
@@ -26,7 +27,7 @@ def _run(model: Any, inputs: VLMInputs, embeds: torch.Tensor, target: Target) ->
     return value.detach(), grad
 
 
-def image_token_attribution(model: Any, inputs: VLMInputs, target: Target, *,
+def image_token_attribution(model: HookedVLM, inputs: VLMInputs, target: Target, *,
                             method: Literal["grad_x_input", "integrated_gradients"] = "grad_x_input",
                             baseline: torch.Tensor | None = None, steps: int = 32
                             ) -> Float[torch.Tensor, "total_image_tokens"]:

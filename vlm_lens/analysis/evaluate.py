@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from vlm_lens.hooked_vlm import HookedVLM
 from vlm_lens.inputs import VLMInputs
 
 HookFactory = Callable[[VLMInputs, Sequence[Any]], list]
@@ -44,7 +45,7 @@ def _hooks_for(hooks: list | HookFactory | None, inputs: VLMInputs, items: Seque
 
 
 @torch.no_grad()
-def evaluate(model: Any, items: Sequence[Any], *, hooks: list | HookFactory | None = None, batch_size: int = 32,
+def evaluate(model: HookedVLM, items: Sequence[Any], *, hooks: list | HookFactory | None = None, batch_size: int = 32,
              mode: Literal["next_token", "generate"] = "next_token", max_new_tokens: int = 3,
              progress: bool = False) -> EvalResult:
     """Score items that have ``.image``, ``.prompt`` and ``.answer`` (and optionally ``.question_type``).
@@ -88,7 +89,7 @@ def evaluate(model: Any, items: Sequence[Any], *, hooks: list | HookFactory | No
     )
 
 
-def compare(model: Any, items: Sequence[Any], hooks: list | HookFactory, **kwargs: Any) -> dict[str, Any]:
+def compare(model: HookedVLM, items: Sequence[Any], hooks: list | HookFactory, **kwargs: Any) -> dict[str, Any]:
     """Accuracy and answer-probability change under ``hooks`` relative to the plain model."""
     base = evaluate(model, items, **kwargs)
     hooked = evaluate(model, items, hooks=hooks, **kwargs)

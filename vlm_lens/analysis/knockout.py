@@ -9,9 +9,12 @@ mapped onto it, so the knockout also applies to generated tokens listed in ``que
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
+
+from vlm_lens.analysis.positions import per_row
+from vlm_lens.hook_names import Tower, act_names
 
 Hook = tuple[str, Callable]
 
@@ -38,17 +41,9 @@ def sliding_windows(n_layers: int, size: int, stride: int = 1) -> list[list[int]
     return [list(range(s, s + size)) for s in range(0, n_layers - size + 1, stride)]
 
 
-def _as_rows(positions: Any, batch: int) -> list[torch.Tensor]:
-    if torch.is_tensor(positions) or (isinstance(positions, Sequence) and positions and isinstance(positions[0], int)):
-        return [torch.as_tensor(positions, dtype=torch.long).reshape(-1)] * batch
-    if len(positions) != batch:
-        raise ValueError(f"give one position tensor per batch row ({batch}), got {len(positions)}.")
-    return [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in positions]
-
-
 def knockout_hooks(query_positions: Any, key_positions: Any, layers: Sequence[int] | str = "all", *,
                    n_layers: int | None = None, heads: Sequence[int] | None = None,
-                   tower: Literal["lm", "vision"] = "lm") -> list[Hook]:
+                   tower: Tower = "lm") -> list[Hook]:
     """Hooks that block attention from ``query_positions`` to ``key_positions``.
 
     Positions are absolute (one tensor for every batch row, or a list with one per row); ``layers`` is
@@ -62,14 +57,13 @@ def knockout_hooks(query_positions: Any, key_positions: Any, layers: Sequence[in
         if n_layers is None:
             raise ValueError("a named layer window needs n_layers=model.cfg.n_layers.")
         layers = layer_window(layers, n_layers)
-    prefix = "blocks" if tower == "lm" else "vision.blocks"
     head_index = None if heads is None else torch.as_tensor(list(heads), dtype=torch.long)
 
     def hook(scores: torch.Tensor, hook: Any) -> torch.Tensor:
         batch, _, n_q, n_k = scores.shape
         offset = n_k - n_q  # queries are the last n_q positions
         mask = torch.zeros(batch, n_q, n_k, dtype=torch.bool, device=scores.device)
-        for b, (q, k) in enumerate(zip(_as_rows(query_positions, batch), _as_rows(key_positions, batch))):
+        for b, (q, k) in enumerate(zip(per_row(query_positions, batch), per_row(key_positions, batch))):
             q = q[(q >= offset) & (q < n_k)] - offset
             k = k[k < n_k]
             if len(q) and len(k):
@@ -81,4 +75,4 @@ def knockout_hooks(query_positions: Any, key_positions: Any, layers: Sequence[in
         full = mask[:, None] & heads_mask[None, :, None, None]
         return scores.masked_fill(full, float("-inf"))
 
-    return [(f"{prefix}.{layer}.attn.hook_attn_scores", hook) for layer in layers]
+    return [(name, hook) for name in act_names("attn_scores", layers, tower)]

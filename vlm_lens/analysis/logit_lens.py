@@ -8,6 +8,9 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 
+from vlm_lens.analysis.positions import per_row
+from vlm_lens.hook_names import act_names
+from vlm_lens.hooked_vlm import HookedVLM
 from vlm_lens.inputs import VLMInputs
 
 
@@ -43,11 +46,11 @@ class LogitLensResult:
 def _stream_names(n_layers: int, stream: str) -> list[str]:
     if stream not in ("resid_post", "resid_pre"):
         raise ValueError(f"stream must be 'resid_post' or 'resid_pre', got {stream!r}.")
-    return [f"blocks.{layer}.hook_{stream}" for layer in range(n_layers)]
+    return act_names(stream, range(n_layers))
 
 
 @torch.no_grad()
-def logit_lens(model: Any, inputs: VLMInputs, *, positions: Any = None, k: int = 5,
+def logit_lens(model: HookedVLM, inputs: VLMInputs, *, positions: Any = None, k: int = 5,
                stream: Literal["resid_post", "resid_pre"] = "resid_post", cache: Any = None) -> LogitLensResult:
     """Apply the final norm and the unembedding to each layer's residual at ``positions``.
 
@@ -61,10 +64,8 @@ def logit_lens(model: Any, inputs: VLMInputs, *, positions: Any = None, k: int =
     batch = inputs.tokens.shape[0]
     if positions is None:
         rows = [inputs.layout.image_positions(b) for b in range(batch)]
-    elif torch.is_tensor(positions) or isinstance(positions[0], int):
-        rows = [torch.as_tensor(positions, dtype=torch.long)] * batch
     else:
-        rows = [torch.as_tensor(p, dtype=torch.long) for p in positions]
+        rows = per_row(positions, batch)
     if len({len(r) for r in rows}) != 1:
         raise ValueError("every batch row must read the same number of positions.")
     index = torch.stack(rows).to(model.cfg.device)

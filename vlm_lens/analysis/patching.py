@@ -14,6 +14,8 @@ import pandas as pd
 import torch
 from transformer_lens import patching
 
+from vlm_lens.hook_names import act_names
+from vlm_lens.hooked_vlm import HookedVLM
 from vlm_lens.inputs import VLMInputs
 
 Activation = Literal["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z"]
@@ -45,7 +47,7 @@ def normalised(metric: Callable, clean_value: float, corrupted_value: float) -> 
 
 
 @torch.no_grad()
-def patch_image_positions(model: Any, clean: VLMInputs, corrupted: VLMInputs, metric: Callable, *,
+def patch_image_positions(model: HookedVLM, clean: VLMInputs, corrupted: VLMInputs, metric: Callable, *,
                           activation: Activation = "resid_pre", image: int = 0, layers: list[int] | None = None,
                           clean_cache: Any = None) -> GridPatchingResult:
     """Patch the clean activation into the corrupted run at each (layer, image position) and score it.
@@ -56,7 +58,7 @@ def patch_image_positions(model: Any, clean: VLMInputs, corrupted: VLMInputs, me
         raise ValueError("clean and corrupted inputs must have the same shape and image positions.")
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     if clean_cache is None:
-        names = {f"blocks.{layer}.{'attn.hook_z' if activation == 'z' else 'hook_' + activation}" for layer in layers}
+        names = set(act_names(activation, layers))
         _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
     grid = clean.layout.grid(image)
     rows = [(layer, int(pos)) for layer in layers for pos in grid.flatten()]

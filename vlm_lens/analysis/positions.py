@@ -5,12 +5,29 @@ Every selector returns a LongTensor of sequence positions in one batch row (``la
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Int
 
 from vlm_lens.layout import ImageLayout
+
+
+def per_row(positions: Any, batch: int) -> list[Int[torch.Tensor, "n"]]:
+    """One LongTensor of sequence positions per batch row, as every tool here takes them.
+
+    A tensor or a list of ints applies to every row; a list of ``batch`` sequences gives each row its own.
+    """
+    if torch.is_tensor(positions) or isinstance(positions, np.ndarray) or (
+            isinstance(positions, Sequence) and positions and isinstance(positions[0], (int, np.integer))):
+        return [torch.as_tensor(positions, dtype=torch.long).reshape(-1)] * batch
+    if not isinstance(positions, Sequence) or len(positions) != batch:
+        n = len(positions) if isinstance(positions, Sequence) else type(positions).__name__
+        raise ValueError(f"give one position tensor for every row or a list with one per batch row ({batch}), got {n}.")
+    return [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in positions]
 
 
 def dilate(mask: Bool[torch.Tensor, "rows cols"] | np.ndarray, buffer: int) -> Bool[torch.Tensor, "rows cols"]:

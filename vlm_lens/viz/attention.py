@@ -8,32 +8,30 @@ Tokens are labelled readably: the language model's image tokens read ``<img0 r3 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from transformer_lens import ActivationCache
-from transformer_lens.utilities import get_act_name
 
+from vlm_lens.hook_names import Tower, act_name
+from vlm_lens.hooked_vlm import HookedVLM
 from vlm_lens.inputs import VLMInputs
-
-Tower = Literal["lm", "vision"]
 
 
 def pattern_hook_name(layer: int, tower: Tower = "lm") -> str:
     """``blocks.{layer}.attn.hook_pattern``, under the ``vision.`` prefix for the vision tower."""
-    name = get_act_name("pattern", layer)
-    return name if tower == "lm" else f"vision.{name}"
+    return act_name("pattern", layer, tower)
 
 
-def vision_token_labels(model: Any) -> list[str]:
+def vision_token_labels(model: HookedVLM) -> list[str]:
     """``CLS`` (where the tower has a class token) then ``r{row} c{col}`` over the patch grid."""
     vcfg = model.vlm_cfg.vision
     cells = [f"r{r} c{c}" for r in range(vcfg.grid_size) for c in range(vcfg.grid_size)]
     return (["CLS"] if vcfg.has_class_token else []) + cells
 
 
-def _n_layers(model: Any, tower: Tower) -> int:
+def _n_layers(model: HookedVLM, tower: Tower) -> int:
     return model.cfg.n_layers if tower == "lm" else len(model.vision.blocks)
 
 
@@ -70,7 +68,7 @@ def _collapse_images(inputs: VLMInputs, batch: int, keep: torch.Tensor, pattern:
 
 
 def attention_view_data(
-    model: Any, inputs_or_cache: Any, layer: int, *, tower: Tower = "lm", collapse_image: bool = False,
+    model: HookedVLM, inputs_or_cache: Any, layer: int, *, tower: Tower = "lm", collapse_image: bool = False,
     cache: Any = None, batch: int = 0, image_index: int = 0,
 ) -> tuple[Float[torch.Tensor, "n_heads dest src"], list[str]]:
     """The attention pattern of one layer and its token labels, as the circuitsvis views draw them.
@@ -129,7 +127,7 @@ def _head_names(layer: int, n_heads: int, tower: Tower) -> list[str]:
     return [f"{prefix}L{layer}H{h}" for h in range(n_heads)]
 
 
-def attention_heads(model: Any, inputs_or_cache: Any, layer: int, *, tower: Tower = "lm",
+def attention_heads(model: HookedVLM, inputs_or_cache: Any, layer: int, *, tower: Tower = "lm",
                     collapse_image: bool = False, cache: Any = None, batch: int = 0,
                     image_index: int = 0) -> Any:
     """circuitsvis ``attention_heads`` view (one thumbnail per head) of ``layer``.
@@ -151,7 +149,7 @@ def attention_heads(model: Any, inputs_or_cache: Any, layer: int, *, tower: Towe
                                         mask_upper_tri=tower == "lm")
 
 
-def attention_patterns(model: Any, inputs_or_cache: Any, layer: int, *, tower: Tower = "lm",
+def attention_patterns(model: HookedVLM, inputs_or_cache: Any, layer: int, *, tower: Tower = "lm",
                        collapse_image: bool = False, cache: Any = None, batch: int = 0,
                        image_index: int = 0) -> Any:
     """circuitsvis ``attention_patterns`` view (hover a token to see where it attends) of ``layer``.

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from vlm_lens.hooked_vlm import HookedVLM
 from vlm_lens.inputs import VLMInputs
 from vlm_lens.viz.attention import pattern_hook_name
 
@@ -17,7 +18,7 @@ Indices = int | Sequence[int] | torch.Tensor | np.ndarray | None
 Number = float | int
 
 
-def _image_processor(model: Any) -> Any:
+def _image_processor(model: HookedVLM) -> Any:
     processor = getattr(model, "processor", None)
     if processor is None:
         raise ValueError("This model has no processor, so its image normalisation is unknown; load it with "
@@ -25,7 +26,7 @@ def _image_processor(model: Any) -> Any:
     return getattr(processor, "image_processor", processor)
 
 
-def pixels_to_image(model: Any, pixel_values: Float[torch.Tensor, "channels height width"]) -> Any:
+def pixels_to_image(model: HookedVLM, pixel_values: Float[torch.Tensor, "channels height width"]) -> Any:
     """Undo the processor's normalisation of one preprocessed image: ``pixel_values[i]`` -> PIL RGB image.
 
     This is the picture the model saw (resized and cropped), so patch (r, c) of the vision grid covers
@@ -144,7 +145,7 @@ def _index_list(chosen: Indices, n: int, what: str) -> list[int]:
     return [i % n for i in items]
 
 
-def attention_to_image(model: Any, inputs: VLMInputs, image_index: int = 0, *, query_positions: Indices = None,
+def attention_to_image(model: HookedVLM, inputs: VLMInputs, image_index: int = 0, *, query_positions: Indices = None,
                        layers: Indices = None, heads: Indices = None,
                        cache: Any = None) -> Float[torch.Tensor, "rows cols"]:
     """Attention from the query positions to each patch of image ``image_index``, as its [rows, cols] grid.

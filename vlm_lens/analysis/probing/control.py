@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from vlm_lens.analysis.evaluate import answer_token
 from vlm_lens.analysis.probing.fit import fit_logistic
 from vlm_lens.analysis.probing.readout import KVReadout, read_kv
+from vlm_lens.hooked_vlm import HookedVLM
 from vlm_lens.inputs import VLMInputs
 
 
@@ -35,7 +36,7 @@ def with_prefix(prompt: str, prefix: str, placeholder: str = "<image>") -> str:
     return f"{head}{prefix.strip()} {placeholder}{tail}"
 
 
-def prepare_batches(model: Any, items: Sequence[Any], *, batch_size: int = 16,
+def prepare_batches(model: HookedVLM, items: Sequence[Any], *, batch_size: int = 16,
                     prompt: Callable[[Any], str] | None = None) -> list[VLMInputs]:
     """``VLMInputs`` batches for items with ``.image`` and ``.prompt``; ``prompt(item)`` overrides the text
     (e.g. ``lambda it: with_prefix(it.prompt, it.question)``, or a prompt in another chat format)."""
@@ -49,7 +50,7 @@ def prepare_batches(model: Any, items: Sequence[Any], *, batch_size: int = 16,
             for s in range(0, len(items), batch_size)]
 
 
-def compare_prefix(model: Any, items: Sequence[Any], prefix: str | Callable[[Any], str],
+def compare_prefix(model: HookedVLM, items: Sequence[Any], prefix: str | Callable[[Any], str],
                    score: Callable[[KVReadout], torch.Tensor], *, batch_size: int = 16,
                    **read_kwargs: Any) -> dict[str, torch.Tensor]:
     """Probe scores without and with a text prefix before the image.
@@ -101,7 +102,7 @@ def answer_probe(features: Float[torch.Tensor, "n_layers n_images rows cols dim"
 
 
 @torch.no_grad()
-def choice_correct(model: Any, items: Sequence[Any], choices: Sequence[str], *, batch_size: int = 16
+def choice_correct(model: HookedVLM, items: Sequence[Any], choices: Sequence[str], *, batch_size: int = 16
                    ) -> Bool[torch.Tensor, " n_items"]:
     """Whether the model's next-token logits, restricted to the answer ``choices``, pick each item's answer."""
     missing = sorted({it.answer for it in items} - set(choices))

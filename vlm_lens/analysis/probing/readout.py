@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from vlm_lens.hooked_vlm import HookedVLM
 from vlm_lens.inputs import VLMInputs
 from vlm_lens.layout import ImageLayout
 
@@ -98,7 +99,7 @@ class KVReadout:
         return torch.stack([self.features(site, layer, head) for layer in layers])
 
 
-def _check_sites(model: Any, sites: Sequence[str]) -> tuple[str, ...]:
+def _check_sites(model: HookedVLM, sites: Sequence[str]) -> tuple[str, ...]:
     unknown = [s for s in sites if s not in SITES]
     if unknown or not sites:
         raise ValueError(f"unknown site(s) {unknown}; choose from {list(SITES)}.")
@@ -108,7 +109,7 @@ def _check_sites(model: Any, sites: Sequence[str]) -> tuple[str, ...]:
     return tuple(sites)
 
 
-def _check_layers(model: Any, layers: Sequence[int] | None) -> tuple[int, ...]:
+def _check_layers(model: HookedVLM, layers: Sequence[int] | None) -> tuple[int, ...]:
     n_layers = model.cfg.n_layers
     layers = tuple(range(n_layers)) if layers is None else tuple(int(x) for x in layers)
     bad = [x for x in layers if not 0 <= x < n_layers]
@@ -135,7 +136,7 @@ def _token_index(layout: ImageLayout, flat: bool) -> torch.Tensor:
     return local + offsets[:, None, None] if flat else local
 
 
-def _capture_hooks(model: Any, layout: ImageLayout, sites: Sequence[str], layers: Sequence[int],
+def _capture_hooks(model: HookedVLM, layout: ImageLayout, sites: Sequence[str], layers: Sequence[int],
                    store: dict, dtype: torch.dtype) -> HookList:
     batch, grid = grid_index(layout)
     device = model.cfg.device
@@ -170,7 +171,7 @@ def _as_batches(inputs: VLMInputs | Iterable[VLMInputs]) -> Iterable[VLMInputs]:
 
 
 @torch.no_grad()
-def read_kv(model: Any, inputs: VLMInputs | Iterable[VLMInputs], *, layers: Sequence[int] | None = None,
+def read_kv(model: HookedVLM, inputs: VLMInputs | Iterable[VLMInputs], *, layers: Sequence[int] | None = None,
             sites: Sequence[str] = ("k", "rot_k", "v", "image_features", "image_embeds"),
             fwd_hooks: Hooks = None, dtype: torch.dtype = torch.float32, progress: bool = False) -> KVReadout:
     """Read ``sites`` at the image grid cells of every image in ``inputs`` (one ``VLMInputs`` or batches).
@@ -202,7 +203,7 @@ def read_kv(model: Any, inputs: VLMInputs | Iterable[VLMInputs], *, layers: Sequ
     return KVReadout(data, layers if lm else (), sites, {s: SITE_NOTES[s] for s in sites})
 
 
-def iter_layers(model: Any, inputs: VLMInputs | Iterable[VLMInputs], *, layers: Sequence[int] | None = None,
+def iter_layers(model: HookedVLM, inputs: VLMInputs | Iterable[VLMInputs], *, layers: Sequence[int] | None = None,
                 sites: Sequence[str] = ("k", "rot_k", "v"), **kwargs: Any) -> Iterator[tuple[int, KVReadout]]:
     """Yield ``(layer, readout)`` one layer at a time, over all of ``inputs`` (one or more batches).
 
@@ -216,7 +217,7 @@ def iter_layers(model: Any, inputs: VLMInputs | Iterable[VLMInputs], *, layers: 
 
 
 @torch.no_grad()
-def text_features(model: Any, texts: Sequence[str], *, layers: Sequence[int] | None = None,
+def text_features(model: HookedVLM, texts: Sequence[str], *, layers: Sequence[int] | None = None,
                   sites: Sequence[str] = ("k", "v"), template: str = "{text}",
                   dtype: torch.dtype = torch.float32) -> KVReadout:
     """Keys/values of each text query at its last token, run through the LM alone (no image).
