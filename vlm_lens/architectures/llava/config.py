@@ -22,7 +22,7 @@ VISION_CONFIGS = {"clip_vision_model": clip_vision_config, "siglip_vision_model"
 class LlavaConfig(VLMConfig):
     """LLaVA-1.5: which features the projector reads and the projector's shape."""
 
-    select_strategy: SelectStrategy
+    select_strategy: str  # SelectStrategy: "default" (drop the class token) or "full"; checked below
     projector_act: str
     projector_bias: bool
 
