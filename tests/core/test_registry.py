@@ -1,0 +1,26 @@
+"""The registry: families are found by listing vlm_lens/architectures/, each registered once by HF class name."""
+
+import importlib
+
+import pytest
+
+from vlm_lens.architectures import all_specs, get_spec, register, supported_architectures
+
+
+def test_every_family_folder_is_registered():
+    assert {s.family for s in all_specs()} >= {"llava", "llava_next", "llava_onevision", "qwen2_5_vl"}
+    assert supported_architectures() == sorted(s.name for s in all_specs())
+    for spec in all_specs():
+        package = importlib.import_module(f"vlm_lens.architectures.{spec.family}")
+        assert package.SPEC is spec and spec.hf_class().__name__ == spec.name
+
+
+def test_a_second_registration_of_a_name_raises():
+    spec = get_spec("LlavaForConditionalGeneration")
+    with pytest.raises(ValueError, match="already registered"):
+        register(spec)
+
+
+def test_unknown_architecture_lists_the_supported_ones():
+    with pytest.raises(ValueError, match="LlavaNextForConditionalGeneration"):
+        get_spec("GPT2LMHeadModel")
