@@ -15,7 +15,7 @@ from vlm_lens.architectures.llava_next.testing import (
     tiny_onevision_config,
 )
 from vlm_lens.architectures.qwen2_5_vl import testing as factories_qwen
-from vlm_lens.testing import image_prompt_tokens, random_pixels
+from vlm_lens.testing import assert_hooks_live, image_prompt_tokens, random_pixels
 
 
 @pytest.fixture(scope="module")
@@ -31,36 +31,13 @@ def mha_model(tmp_path_factory):
     return model
 
 
-def _perturb(value: torch.Tensor) -> torch.Tensor:
-    g = torch.Generator().manual_seed(0)
-    noise = torch.randn(value.shape, generator=g, dtype=value.dtype)
-    return value + noise * (value[torch.isfinite(value)].std() + 1e-2)
-
-
 def _check_all_hooks_live(model, names, inputs=None):
     """``inputs``: a VLMInputs; by default two LLaVA-1.5 prompts with random pixels."""
     if inputs is None:
-        tokens, extra = image_prompt_tokens(model.vlm_cfg.n_image_tokens, batch=2), {"pixel_values": random_pixels(2)}
+        tokens = image_prompt_tokens(model.vlm_cfg.n_image_tokens, batch=2)
+        assert_hooks_live(model, names, tokens, pixel_values=random_pixels(2))
     else:
-        tokens, extra = inputs, {}
-    with torch.no_grad():
-        base = model(tokens, **extra)
-    dead, silent = [], []
-    for name in names:
-        fired = []
-
-        def hook(value, hook, fired=fired):
-            fired.append(hook.name)
-            return _perturb(value)
-
-        with torch.no_grad():
-            out = model.run_with_hooks(tokens, **extra, fwd_hooks=[(name, hook)])
-        if not fired:
-            silent.append(name)
-        elif torch.allclose(out, base, atol=1e-6):
-            dead.append(name)
-    assert not silent, f"hooks that never fired: {silent}"
-    assert not dead, f"hooks whose change does not reach the logits: {dead}"
+        assert_hooks_live(model, names, inputs)
 
 
 def test_every_registered_hook_fires_and_matters(mha_model):

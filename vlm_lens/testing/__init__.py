@@ -81,3 +81,33 @@ def seeded_image(size: tuple[int, int], seed: int = 0):
 
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8))
+
+
+def perturb(value: torch.Tensor) -> torch.Tensor:
+    """``value`` plus seeded noise on the scale of its finite entries."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(value.shape, generator=g, dtype=value.dtype)
+    return value + noise * (value[torch.isfinite(value)].std() + 1e-2)
+
+
+def assert_hooks_live(model, names, inputs, **forward_kwargs) -> None:
+    """Every hook in ``names`` fires on ``model(inputs, **forward_kwargs)`` and perturbing its value moves the
+    logits; raises AssertionError listing the silent and the dead ones."""
+    with torch.no_grad():
+        base = model(inputs, **forward_kwargs)
+    dead, silent = [], []
+    for name in names:
+        fired = []
+
+        def hook(value, hook, fired=fired):
+            fired.append(hook.name)
+            return perturb(value)
+
+        with torch.no_grad():
+            out = model.run_with_hooks(inputs, **forward_kwargs, fwd_hooks=[(name, hook)])
+        if not fired:
+            silent.append(name)
+        elif torch.allclose(out, base, atol=1e-6):
+            dead.append(name)
+    assert not silent, f"hooks that never fired: {silent}"
+    assert not dead, f"hooks whose change does not reach the logits: {dead}"
