@@ -20,8 +20,13 @@ class VLMInputs:
     """Everything one forward pass needs. Pass it wherever TransformerLens takes ``tokens``.
 
     Example:
-        >>> inputs = model.prepare("USER: <image>\\nWhat colour? ASSISTANT:", images=[img])  # doctest: +SKIP
-        >>> inputs.layout.grid(0)  # [rows, cols] sequence positions of image 0  # doctest: +SKIP
+        >>> inputs = model.prepare("USER: what colour is the square ?\\n<image> ASSISTANT:", images=[img])
+        >>> inputs.tokens.shape, int(inputs.image_mask.sum())  # 9 of the 20 positions are image tokens
+        (torch.Size([1, 20]), 9)
+        >>> inputs.layout.grid(0)  # [rows, cols] sequence positions of image 0
+        tensor([[ 9, 10, 11],
+                [12, 13, 14],
+                [15, 16, 17]])
     """
 
     tokens: Int[torch.Tensor, "batch pos"]

@@ -61,8 +61,12 @@ def image_ablation_hooks(inputs: VLMInputs, positions: Any, replacement: Replace
     """Hooks that replace the image tokens at ``positions`` (one tensor, or one per batch row).
 
     Example:
-        >>> pos = object_positions(inputs.layout, 0, item.target_mask, buffer=1)  # doctest: +SKIP
-        >>> model.run_with_hooks(inputs, fwd_hooks=image_ablation_hooks(inputs, pos, "mean", mean=mu))  # doctest: +SKIP
+        >>> from vlm_lens.analysis.positions import object_positions
+        >>> pos = object_positions(inputs.layout, 0, item.target_mask, buffer=1)  # the asked-about object
+        >>> hooks = image_ablation_hooks(inputs, pos, "mean", mean=mean_visual_token(model, inputs))
+        >>> ablated = model.run_with_hooks(inputs, fwd_hooks=hooks)
+        >>> model.to_string(logits[0, -1].argmax()), model.to_string(ablated[0, -1].argmax())
+        ('blue', 'red')
     """
     index = embed_indices(inputs, positions)
     generator = torch.Generator().manual_seed(seed)

@@ -50,8 +50,10 @@ def knockout_hooks(query_positions: Any, key_positions: Any, layers: Sequence[in
     a list or a window name (then ``n_layers`` is needed); ``heads=None`` means all heads.
 
     Example:
-        >>> hooks = knockout_hooks([last], object_pos, "all", n_layers=model.cfg.n_layers)  # doctest: +SKIP
-        >>> model.run_with_hooks(inputs, fwd_hooks=hooks)  # doctest: +SKIP
+        >>> last, image = inputs.tokens.shape[1] - 1, inputs.layout.grid(0).flatten()
+        >>> hooks = knockout_hooks([last], image, "all", n_layers=model.cfg.n_layers)  # hide the image
+        >>> model.to_string(model.run_with_hooks(inputs, fwd_hooks=hooks)[0, -1].argmax())  # was 'blue'
+        'red'
     """
     if isinstance(layers, str):
         if n_layers is None:

@@ -22,7 +22,8 @@ class HookedCLIPVision(HookedViT):
     class token and ``ln_pre``.
 
     Example:
-        >>> feats = model.vision(pixel_values)  # doctest: +SKIP
+        >>> model.vision(inputs.pixel_values).shape  # [n_images, n_patches, d_features]: 3x3 patches, no CLS
+        torch.Size([1, 9, 64])
     """
 
     def __init__(self, cfg: VLMConfig, dtype: torch.dtype = torch.float32, drop_class_token: bool = False):

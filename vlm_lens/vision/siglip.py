@@ -26,7 +26,11 @@ class HookedSiglipVision(HookedViT):
     patch-embedding bias (no class token, no ``ln_pre``).
 
     Example:
-        >>> feats = model.vision(pixel_values)  # [n_tiles, n_patches, d_features]  # doctest: +SKIP
+        >>> from vlm_lens import HookedVLM
+        >>> from vlm_lens.architectures.llava_next.testing import make_hf, tiny_onevision_config
+        >>> vision = HookedVLM.from_hf(make_hf(tiny_onevision_config())).vision  # 16-px tiles of 4-px patches
+        >>> vision(torch.randn(2, 3, 16, 16)).shape  # [n_tiles, n_patches, d_features]
+        torch.Size([2, 16, 24])
     """
 
     def __init__(self, cfg: VLMConfig, dtype: torch.dtype = torch.float32, drop_class_token: bool = False):

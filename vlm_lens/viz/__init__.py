@@ -4,11 +4,13 @@ Imported on demand (``from vlm_lens import viz``); nothing in ``vlm_lens`` impor
 circuitsvis are imported only inside the functions that draw.
 
 Example:
-    >>> from vlm_lens import viz  # doctest: +SKIP
-    >>> inputs = model.prepare("USER: <image>\\nWhat colour? ASSISTANT:", images=[img])  # doctest: +SKIP
-    >>> viz.attention_heads(model, inputs, layer=1, collapse_image=True)  # doctest: +SKIP
-    >>> grid = viz.attention_to_image(model, inputs)  # [rows, cols]  # doctest: +SKIP
-    >>> fig = viz.image_heatmap(viz.pixels_to_image(model, inputs.pixel_values[0]), grid)  # doctest: +SKIP
+    >>> from vlm_lens import viz
+    >>> inputs = model.prepare("USER: what colour is the square ?\\n<image> ASSISTANT:", images=[img])
+    >>> heads = viz.attention_heads(model, inputs, layer=1, collapse_image=True)  # shown inline in notebooks
+    >>> grid = viz.attention_to_image(model, inputs)
+    >>> grid.shape  # [rows, cols]
+    torch.Size([3, 3])
+    >>> fig = viz.image_heatmap(viz.pixels_to_image(model, inputs.pixel_values[0]), grid)
 """
 
 from vlm_lens.viz.attention import attention_heads, attention_patterns, attention_view_data

@@ -79,7 +79,9 @@ def attention_view_data(
     ``image_index`` the image (``tower="vision"``).
 
     Example:
-        >>> pattern, labels = attention_view_data(model, inputs, 0, collapse_image=True)  # doctest: +SKIP
+        >>> pattern, labels = attention_view_data(model, inputs, 0, collapse_image=True)
+        >>> pattern.shape, labels[-3:]  # [n_heads, dest, src]: the 9 image tokens are one column, '<img0>'
+        (torch.Size([4, 12, 12]), ['<img0>', 'assistant', ':'])
     """
     if tower not in ("lm", "vision"):
         raise ValueError(f"tower must be 'lm' or 'vision', got {tower!r}.")
@@ -135,8 +137,10 @@ def attention_heads(model: HookedVLM, inputs_or_cache: Any, layer: int, *, tower
     Returns a circuitsvis ``RenderedHTML`` (shown inline in notebooks; ``viz.save_html`` writes it).
 
     Example:
-        >>> viz.attention_heads(model, inputs, 1, collapse_image=True)  # doctest: +SKIP
-        >>> viz.attention_heads(model, inputs, 0, tower="vision")  # doctest: +SKIP
+        >>> lm = viz.attention_heads(model, inputs, 1, collapse_image=True)
+        >>> vision = viz.attention_heads(model, inputs, 0, tower="vision")
+        >>> viz.save_html(vision, "vision_heads.html").name
+        'vision_heads.html'
     """
     import circuitsvis as cv
 

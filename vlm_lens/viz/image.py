@@ -33,7 +33,9 @@ def pixels_to_image(model: HookedVLM, pixel_values: Float[torch.Tensor, "channel
     the same pixels in it as in the model.
 
     Example:
-        >>> img = viz.pixels_to_image(model, inputs.pixel_values[0])  # doctest: +SKIP
+        >>> img = viz.pixels_to_image(model, inputs.pixel_values[0])
+        >>> img.size, img.mode
+        ((48, 48), 'RGB')
     """
     from PIL import Image
 
@@ -92,8 +94,9 @@ def image_heatmap(image: Any, values: Any, *, alpha: Number = 0.5, ax: Any = Non
     axes. No pyplot state is touched (the figure has its own Agg canvas).
 
     Example:
-        >>> fig = viz.image_heatmap(img, viz.attention_to_image(model, inputs), title="last token")  # doctest: +SKIP
-        >>> viz.save_figure(fig, "attention.png")  # doctest: +SKIP
+        >>> fig = viz.image_heatmap(img, viz.attention_to_image(model, inputs), title="last token")
+        >>> viz.save_figure(fig, "attention.png").name
+        'attention.png'
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -155,8 +158,10 @@ def attention_to_image(model: HookedVLM, inputs: VLMInputs, image_index: int = 0
     once, caching only the needed patterns. Draw the result with ``image_heatmap``.
 
     Example:
-        >>> grid = viz.attention_to_image(model, inputs, layers=[2, 3])  # doctest: +SKIP
-        >>> viz.image_heatmap(viz.pixels_to_image(model, inputs.pixel_values[0]), grid)  # doctest: +SKIP
+        >>> grid = viz.attention_to_image(model, inputs, layers=[2, 3])
+        >>> grid.shape, bool(item.target_mask.flatten()[grid.argmax()])  # peak on the square
+        (torch.Size([3, 3]), True)
+        >>> fig = viz.image_heatmap(viz.pixels_to_image(model, inputs.pixel_values[0]), grid)
     """
     grid = inputs.layout.grid(image_index)
     batch = inputs.layout.batch_of(image_index)

@@ -139,9 +139,12 @@ def logit_lens_page(image: Any, top_tokens: Sequence, top_probs: Any, *, layer_n
     CSS pixels.
 
     Example:
-        >>> page = viz.logit_lens_page(viz.pixels_to_image(model, inputs.pixel_values[0]),
-        ...                            tokens, probs, title="logit lens")  # doctest: +SKIP
-        >>> viz.save_html(page, "lens.html")  # doctest: +SKIP
+        >>> from vlm_lens.analysis.logit_lens import logit_lens
+        >>> lens = logit_lens(model, inputs, k=3)
+        >>> tokens, probs = lens.str_tokens(model.tokenizer, 0), lens.on_grid(0)[1]  # top-k per cell
+        >>> page = viz.logit_lens_page(viz.pixels_to_image(model, inputs.pixel_values[0]), tokens, probs)
+        >>> viz.save_html(page, "lens.html").name
+        'lens.html'
     """
     probs = top_probs.detach().float().cpu().numpy() if torch.is_tensor(top_probs) else np.asarray(top_probs, float)
     names = _check_shapes(top_tokens, probs, layer_names)

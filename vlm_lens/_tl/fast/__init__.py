@@ -11,8 +11,11 @@ to compare against the unmodified path).
 
 Example:
     >>> from vlm_lens._tl.fast import install_fast_components, uninstall_fast_components
-    >>> swapped = uninstall_fast_components(model)  # doctest: +SKIP
-    >>> install_fast_components(model)  # doctest: +SKIP
+    >>> type(model.blocks[0]).__name__
+    'FastTransformerBlock'
+    >>> swapped = uninstall_fast_components(model)  # TransformerLens's own classes
+    >>> type(model.blocks[0]).__name__, install_fast_components(model) == swapped
+    ('TransformerBlock', True)
 """
 
 from __future__ import annotations

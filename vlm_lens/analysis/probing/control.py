@@ -137,7 +137,9 @@ def probe_output_gap(probe_correct: Bool[torch.Tensor, "n_layers n_items"], mode
     """How often the probe answers right where the model's output does not (the "perception gap").
 
     Example:
-        >>> gap = probe_output_gap(answer_probe(v, labels, n_train=100), choice_correct(model, test, colours))  # doctest: +SKIP
+        >>> probe = torch.tensor([[True, False, True, False], [True, True, True, False]])  # e.g. answer_probe
+        >>> probe_output_gap(probe, torch.tensor([True, False, False, True]))  # e.g. choice_correct
+        GapResult(n_items=4, model_accuracy=0.500, best layer 1: probe_accuracy=0.750, recovered=1.000)
     """
     if probe_correct.shape[1] != len(model_correct):
         raise ValueError(f"probe scored {probe_correct.shape[1]} items but the model {len(model_correct)}; "

@@ -48,7 +48,9 @@ def linear_probe_segmentation(features: Features, masks: Bool[torch.Tensor, "n_i
     baseline. ``eval_masks`` (e.g. pixel masks) replaces ``masks`` for scoring.
 
     Example:
-        >>> scores = linear_probe_segmentation(readout.stack("v"), masks, n_train=8)  # doctest: +SKIP
+        >>> scores = linear_probe_segmentation(readout.stack("v"), masks, n_train=4)  # 8 images
+        >>> scores.shape  # one mIoU per layer
+        torch.Size([4])
     """
     _check(features, masks, on_grid=True)
     n_images = features.shape[1]
@@ -90,8 +92,10 @@ def query_segmentation(features: Features, queries: Float[torch.Tensor, "n_layer
     similarity map is min-max normalised per image and thresholded at ``threshold``; mIoU per layer.
 
     Example:
-        >>> q = text_features(model, ["red circle"], sites=("v",)).stack("v")  # doctest: +SKIP
-        >>> query_segmentation(readout.stack("v"), q, masks)  # doctest: +SKIP
+        >>> from vlm_lens.analysis.probing import text_features
+        >>> q = text_features(model, ["red circle"], sites=("v",)).stack("v")
+        >>> query_segmentation(readout.stack("v"), q, masks).shape  # one mIoU per layer
+        torch.Size([4])
     """
     _check(features, masks)
     n_layers, n_images = features.shape[:2]

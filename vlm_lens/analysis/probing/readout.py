@@ -59,8 +59,9 @@ class KVReadout:
     ``notes`` says what each site is, e.g. that ``"k"`` is before rotary and ``"rot_k"`` after.
 
     Example:
-        >>> readout = read_kv(model, inputs, layers=[0, 1])  # doctest: +SKIP
-        >>> readout.stack("v").shape  # [n_layers, n_images, rows, cols, n_kv_heads * d_head]  # doctest: +SKIP
+        >>> readout = read_kv(model, inputs, layers=[0, 1])
+        >>> readout.stack("v").shape  # [n_layers, n_images, rows, cols, n_kv_heads * d_head]
+        torch.Size([2, 1, 3, 3, 64])
     """
 
     data: dict[tuple[str, int | None], torch.Tensor]
@@ -181,9 +182,11 @@ def read_kv(model: HookedVLM, inputs: VLMInputs | Iterable[VLMInputs], *, layers
     the features are read under an intervention. The pass stops after the last layer read.
 
     Example:
-        >>> batches = prepare_batches(model, items, batch_size=16)  # doctest: +SKIP
-        >>> readout = read_kv(model, batches, layers=[0, 1], sites=("v",))  # doctest: +SKIP
-        >>> readout.features("v", 1).shape  # [n_images, rows, cols, n_kv_heads * d_head]  # doctest: +SKIP
+        >>> from vlm_lens.analysis.probing import prepare_batches
+        >>> batches = prepare_batches(model, items, batch_size=4)  # 8 items
+        >>> readout = read_kv(model, batches, layers=[0, 1], sites=("v",))
+        >>> readout.features("v", 1).shape  # [n_images, rows, cols, n_kv_heads * d_head]
+        torch.Size([8, 3, 3, 64])
     """
     sites, layers = _check_sites(model, sites), _check_layers(model, layers)
     lm = any(s in LM_SITES for s in sites)

@@ -16,7 +16,11 @@ class LlavaOnevisionImageProcessor(LlavaOnevisionProcessor):
     processor's own token counting unchanged.
 
     Example:
-        >>> processor = LlavaOnevisionImageProcessor.from_pretrained(folder)  # doctest: +SKIP
+        >>> from vlm_lens.architectures.llava_next import testing
+        >>> processor = testing.make_processor(testing.tiny_onevision_config())  # or from_pretrained(folder)
+        >>> out = processor(text=testing.PROMPT, images=[testing.seeded_image((20, 20))], return_tensors="pt")
+        >>> tuple(out["pixel_values"].shape), int((out["input_ids"] == processor.image_token_id).sum())
+        ((1, 5, 3, 16, 16), 46)
     """
 
     # transformers routes saved settings by ``__init__.__code__.co_varnames``: no type-check wrapper here.

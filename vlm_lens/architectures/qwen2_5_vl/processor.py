@@ -20,7 +20,11 @@ class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
     - The output also has ``image_sizes``: each image's original (height, width), for ``layout.boxes``.
 
     Example:
-        >>> processor = Qwen2_5_VLImageProcessor.from_pretrained(folder)  # doctest: +SKIP
+        >>> from vlm_lens.architectures.qwen2_5_vl.testing import image, make_processor
+        >>> processor = make_processor()  # or from_pretrained(folder)
+        >>> out = processor(text=["<|image_pad|> describe"], images=[image((20, 30))], return_tensors="pt")
+        >>> processor.tokenizer.convert_ids_to_tokens(out["input_ids"][0])[:2], out["image_sizes"].tolist()
+        (['<|vision_start|>', '<|image_pad|>'], [[20, 30]])
     """
 
     # transformers routes saved settings by ``__init__.__code__.co_varnames``: no type-check wrapper here.

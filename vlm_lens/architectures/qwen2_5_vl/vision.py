@@ -110,7 +110,11 @@ class HookedQwen2_5_VLVision(nn.Module):
     """Patch embedding and blocks; returns the features the merger reads, one row per LM token.
 
     Example:
-        >>> feats = model.vision(inputs.pixel_values, inputs.extras["image_grid_thw"])  # doctest: +SKIP
+        >>> from vlm_lens import HookedVLM
+        >>> from vlm_lens.architectures.qwen2_5_vl.testing import make_hf, tiny_qwen_config
+        >>> vision = HookedVLM.from_hf(make_hf(tiny_qwen_config())).vision  # 4-px patches, merged 2x2
+        >>> vision(torch.randn(32, vision.patch_dim), torch.tensor([[1, 4, 8]])).shape  # 4x8 patches
+        torch.Size([8, 64])
     """
 
     def __init__(self, cfg: Qwen2_5_VLConfig, dtype: torch.dtype = torch.float32):
