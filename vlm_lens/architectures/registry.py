@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,10 +29,10 @@ WeightConverter = Callable[[Any, HookedTransformerConfig, VLMConfig], dict[str, 
 @dataclass(frozen=True)
 class ArchitectureSpec:
     name: str  # HF architecture, e.g. "LlavaForConditionalGeneration"
-    hf_class: Callable[[], type]  # lazily returns the transformers class
     build_configs: ConfigBuilder
     convert_weights: WeightConverter
     pipeline: Callable[[], ImagePipeline]  # a new pipeline object per model
+    hf_class: Callable[[], type] | None = None  # lazily returns the HF class; None: ``transformers.<name>``
     load_processor: Callable[..., Any] | None = None  # (name_or_path, **hf_kwargs); None: AutoProcessor
     family: str = ""  # the package under vlm_lens.architectures that registered it (set by register)
 
@@ -45,12 +45,23 @@ def register(spec: ArchitectureSpec, family: str | None = None) -> ArchitectureS
     """Register ``spec``; ``family`` is the registering package's ``__name__``. A name registered twice raises."""
     if spec.name in _REGISTRY:
         raise ValueError(f"Architecture {spec.name!r} is already registered (by {_REGISTRY[spec.name].family}).")
+    if spec.hf_class is None:
+        spec = replace(spec, hf_class=transformers_class(spec.name))
     if family is not None:
-        from dataclasses import replace
-
         spec = replace(spec, family=family.rsplit(".", 1)[-1])
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def transformers_class(name: str) -> Callable[[], type]:
+    """A getter of ``transformers.<name>``, called only when a checkpoint is loaded (transformers imports its
+    model classes on first access)."""
+    def get() -> type:
+        import transformers
+
+        return getattr(transformers, name)
+
+    return get
 
 
 def _discover() -> None:

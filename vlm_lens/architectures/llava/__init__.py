@@ -12,16 +12,8 @@ from vlm_lens.architectures.llava.convert import convert_llava
 from vlm_lens.architectures.llava.pipeline import LlavaPipeline
 from vlm_lens.architectures.registry import ArchitectureSpec, register
 
-
-def _hf_class():
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration
-
-
 SPEC = register(ArchitectureSpec(
     name="LlavaForConditionalGeneration",
-    hf_class=_hf_class,
     build_configs=llava_configs,
     convert_weights=convert_llava,
     pipeline=LlavaPipeline,

@@ -12,16 +12,8 @@ from vlm_lens.architectures.llava_next.convert import convert_anyres
 from vlm_lens.architectures.llava_next.pipeline import AnyResPipeline
 from vlm_lens.architectures.registry import ArchitectureSpec, register
 
-
-def _hf_class():
-    from transformers import LlavaNextForConditionalGeneration
-
-    return LlavaNextForConditionalGeneration
-
-
 SPEC = register(ArchitectureSpec(
     name="LlavaNextForConditionalGeneration",
-    hf_class=_hf_class,
     build_configs=llava_next_configs,
     convert_weights=convert_anyres,
     pipeline=AnyResPipeline,

@@ -31,15 +31,8 @@ def load_processor(name_or_path: str, **hf_kwargs: Any) -> LlavaOnevisionImagePr
     return LlavaOnevisionImageProcessor.from_pretrained(name_or_path, **hf_kwargs)
 
 
-def _hf_class():
-    from transformers import LlavaOnevisionForConditionalGeneration
-
-    return LlavaOnevisionForConditionalGeneration
-
-
 SPEC = register(ArchitectureSpec(
     name="LlavaOnevisionForConditionalGeneration",
-    hf_class=_hf_class,
     build_configs=llava_onevision_configs,
     convert_weights=convert_anyres,
     pipeline=AnyResMaxPipeline,

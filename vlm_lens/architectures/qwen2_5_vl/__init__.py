@@ -16,16 +16,8 @@ from vlm_lens.architectures.qwen2_5_vl.pipeline import Qwen2_5_VLPipeline
 from vlm_lens.architectures.qwen2_5_vl.processor import load_processor
 from vlm_lens.architectures.registry import ArchitectureSpec, register
 
-
-def _hf_class():
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration
-
-
 SPEC = register(ArchitectureSpec(
     name="Qwen2_5_VLForConditionalGeneration",
-    hf_class=_hf_class,
     build_configs=qwen2_5_vl_configs,
     convert_weights=convert_qwen2_5_vl,
     pipeline=Qwen2_5_VLPipeline,
