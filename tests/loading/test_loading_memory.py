@@ -14,10 +14,11 @@ from transformer_lens.weight_processing import ProcessWeights
 
 import vlm_lens.loading.load as loading
 from vlm_lens import HookedVLM
-from vlm_lens._tl.processing import FOLDED_NORMS, LM_PREFIXES, lm_groups, process_group
+from vlm_lens._tl.processing import process_group
 from vlm_lens.architectures import get_spec
 from vlm_lens.architectures.llava.testing import make_hf_llava, save_llava, tiny_llava_config
 from vlm_lens.loading.checkpoint import safetensors_files
+from vlm_lens.loading.weights import FOLDED_NORMS, LM_PREFIXES, lm_groups
 from vlm_lens.testing import image_prompt_tokens, random_pixels
 
 STEPS = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)

@@ -4,7 +4,7 @@
 bf16/fp16 weights to float32 first), which on a 7B model means holding the language model two or three
 times over. Every step only relates weights of the same block, or the embedding, or the final norm and
 unembedding, so running TransformerLens's own function on one such group at a time gives the same
-weights while holding one group's copies at a time (``tests/test_loading_memory.py`` checks equality with
+weights while holding one group's copies at a time (``tests/loading/test_loading_memory.py`` checks equality with
 the whole-dict call). Blocks are split into attention and MLP, as each step only relates a norm to the
 weights that read it, or a block's value biases to its output bias.
 """
@@ -12,18 +12,12 @@ weights that read it, or a block's value biases to its output bias.
 from __future__ import annotations
 
 import copy
-import re
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from transformer_lens.weight_processing import ProcessWeights
 
-# Only the language model's own weights are processed (vision tower, projector and extras such as
-# LLaVA-NeXT's image_newline are left as they are).
-LM_PREFIXES = ("embed.", "pos_embed.", "blocks.", "ln_final.", "unembed.")
-FOLDED_NORMS = (".ln1.w", ".ln2.w", "ln_final.w")
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+from vlm_lens.loading.weights import FOLDED_NORMS, drain
 
 
 def folded_config(cfg: Any) -> Any:
@@ -31,27 +25,6 @@ def folded_config(cfg: Any) -> Any:
     out = copy.copy(cfg)
     out.normalization_type = {"RMS": "RMSPre", "LN": "LNPre"}.get(cfg.normalization_type, cfg.normalization_type)
     return out
-
-
-def processed_keys(keys: Any, fold_ln: bool) -> set[str]:
-    """The state-dict keys left after processing (folded norm weights are dropped)."""
-    return {k for k in keys if not (fold_ln and k.startswith(LM_PREFIXES) and k.endswith(FOLDED_NORMS))}
-
-
-def lm_groups(keys: Any) -> Iterator[tuple[str, list[str]]]:
-    """Language-model keys in processing groups: the embedding; per block its attention (with ``ln1``)
-    and its MLP (with ``ln2``), which no processing step relates; then the unembedding."""
-    keys = [k for k in keys if k.startswith(LM_PREFIXES)]
-    blocks: dict[str, list[str]] = {}
-    for key in keys:
-        match = _BLOCK.match(key)
-        if match:
-            part = "mlp" if key[match.end():].startswith(("ln2.", "mlp.")) else "attn"
-            blocks.setdefault(f"blocks.{int(match.group(1))}.{part}", []).append(key)
-    yield "embed", [k for k in keys if k.startswith(("embed.", "pos_embed."))]
-    for name in sorted(blocks, key=lambda n: (int(n.split(".")[1]), n)):
-        yield name, blocks[name]
-    yield "unembed", [k for k in keys if k.startswith(("ln_final.", "unembed."))]
 
 
 def process_group(name: str, part: dict[str, torch.Tensor], cfg: Any, steps: dict[str, bool]) -> dict:
@@ -100,10 +73,3 @@ def _run(part: dict[str, torch.Tensor], cfg: Any, flags: dict[str, bool]) -> dic
     if out is not part:
         part.clear()
     return out
-
-
-def drain(d: dict) -> Iterator[tuple[str, Any]]:
-    """Pop items one by one, so the source dict stops referencing each tensor as it moves."""
-    while d:
-        key = next(iter(d))
-        yield key, d.pop(key)

@@ -18,14 +18,7 @@ import torch
 from torch import nn
 
 from vlm_lens._memory import Trimmer, release_freed_memory
-from vlm_lens._tl.processing import (
-    LM_PREFIXES,
-    drain,
-    folded_config,
-    lm_groups,
-    process_group,
-    processed_keys,
-)
+from vlm_lens._tl.processing import folded_config, process_group
 from vlm_lens._tl.weights import set_parameter
 from vlm_lens.architectures.checks import require_exact_keys
 from vlm_lens.architectures.registry import architecture_of, get_spec
@@ -36,6 +29,7 @@ from vlm_lens.loading.checkpoint import (
     load_hf_model,
     safetensors_files,
 )
+from vlm_lens.loading.weights import LM_PREFIXES, drain, lm_groups, processed_keys
 
 logger = logging.getLogger(__name__)
 
