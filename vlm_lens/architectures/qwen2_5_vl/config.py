@@ -1,5 +1,5 @@
 """Qwen2.5-VL's settings (vision tower with windows and 2-D rotary, M-RoPE sections, the marker tokens)
-and how to read them from an HF ``Qwen2_5_VLConfig``."""
+and how to read them from an HF ``Qwen2_5_VLConfig``. ``qwen_vl_configs`` is the part Qwen2-VL shares."""
 
 from __future__ import annotations
 
@@ -62,14 +62,14 @@ class Qwen2_5_VLConfig(VLMConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.vision, QwenVisionConfig):
-            raise ValueError(f"Qwen2.5-VL needs a QwenVisionConfig, got {type(self.vision).__name__}.")
+            raise ValueError(f"{self.architecture} needs a QwenVisionConfig, got {type(self.vision).__name__}.")
         if len(self.mrope_section) != 3 or any(s < 0 for s in self.mrope_section):
             raise ValueError(f"mrope_section={list(self.mrope_section)} must be 3 non-negative numbers "
                              "(time, row, column).")
 
 
 class _AsQwen2:
-    """The Qwen2.5-VL text config read as a Qwen2 one (same weights, names and shapes)."""
+    """A Qwen2-VL / Qwen2.5-VL text config read as a Qwen2 one (same weights, names and shapes)."""
 
     model_type = "qwen2"
 
@@ -82,24 +82,41 @@ class _AsQwen2:
 
 def _int(value: Any, name: str) -> int:
     if not isinstance(value, int):
-        raise ValueError(f"Qwen2.5-VL vision_config.{name}={value!r}: vlm_lens supports square patches only (an int).")
+        raise ValueError(f"vision_config.{name}={value!r}: vlm_lens supports square patches only (an int).")
     return value
+
+
+# What transformers' Qwen2-VL and Qwen2.5-VL rotary use when the checkpoint gives no mrope_section.
+HF_DEFAULT_MROPE_SECTION = (16, 24, 24)
+
+
+def qwen_vl_configs(hf_config: Any, vcfg: QwenVisionConfig, merger_out: int, architecture: str, dtype: torch.dtype,
+                    device: str) -> tuple[HookedTransformerConfig, Qwen2_5_VLConfig]:
+    """What Qwen2-VL and Qwen2.5-VL share: the Qwen2 language model with M-RoPE, read from ``hf_config``,
+    around the family's tower ``vcfg`` whose merger outputs ``merger_out`` features per token."""
+    text = hf_config.text_config
+    cfg = text_config_to_tl(_AsQwen2(text), dtype, device)
+    if cfg.d_head != text.hidden_size // text.num_attention_heads:
+        raise ValueError(f"head_dim={cfg.d_head}, but {architecture}'s attention uses hidden_size / heads = "
+                         f"{text.hidden_size // text.num_attention_heads}; this checkpoint variant is not supported.")
+    section = tuple(int(s) for s in text.rope_parameters.get("mrope_section", HF_DEFAULT_MROPE_SECTION))
+    if sum(section) != cfg.d_head // 2 or len(section) != 3:
+        raise ValueError(f"rope_parameters['mrope_section']={list(section)} must be 3 numbers adding up to "
+                         f"head_dim / 2 = {cfg.d_head // 2}; fix the checkpoint's text_config.")
+    if merger_out != text.hidden_size:
+        raise ValueError(f"The vision merger outputs {merger_out} features per token but the language model's "
+                         f"hidden_size is {text.hidden_size}; the merger's output could not enter the sequence.")
+    vlm_cfg = Qwen2_5_VLConfig(
+        architecture=architecture, vision=vcfg, feature_layers=(vcfg.n_layers,),
+        image_token_id=hf_config.image_token_id, mrope_section=section,
+        vision_start_token_id=hf_config.vision_start_token_id, vision_end_token_id=hf_config.vision_end_token_id,
+    )
+    return cfg, vlm_cfg
 
 
 def qwen2_5_vl_configs(hf_config: Any, dtype: torch.dtype, device: str
                        ) -> tuple[HookedTransformerConfig, Qwen2_5_VLConfig]:
-    text, vision = hf_config.text_config, hf_config.vision_config
-    cfg = text_config_to_tl(_AsQwen2(text), dtype, device)
-    if cfg.d_head != text.hidden_size // text.num_attention_heads:
-        raise ValueError(f"head_dim={cfg.d_head}, but Qwen2.5-VL's attention uses hidden_size / heads = "
-                         f"{text.hidden_size // text.num_attention_heads}; this checkpoint variant is not supported.")
-    section = tuple(int(s) for s in text.rope_parameters.get("mrope_section", ()))
-    if sum(section) != cfg.d_head // 2 or len(section) != 3:
-        raise ValueError(f"rope_parameters['mrope_section']={list(section)} must be 3 numbers adding up to "
-                         f"head_dim / 2 = {cfg.d_head // 2}; fix the checkpoint's text_config.")
-    if vision.out_hidden_size != text.hidden_size:
-        raise ValueError(f"vision_config.out_hidden_size={vision.out_hidden_size} differs from the language model's "
-                         f"hidden_size={text.hidden_size}; the merger's output could not enter the sequence.")
+    vision = hf_config.vision_config
     vcfg = QwenVisionConfig(
         family="qwen2_5_vl", d_model=vision.hidden_size, n_heads=vision.num_heads, d_mlp=vision.intermediate_size,
         n_layers=vision.depth, image_size=None, patch_size=_int(vision.patch_size, "patch_size"),
@@ -110,9 +127,5 @@ def qwen2_5_vl_configs(hf_config: Any, dtype: torch.dtype, device: str
         full_attention_layers=tuple(int(i) for i in vision.fullatt_block_indexes),
         rotary_base=float(vision.rope_parameters["rope_theta"]),
     )
-    vlm_cfg = Qwen2_5_VLConfig(
-        architecture="Qwen2_5_VLForConditionalGeneration", vision=vcfg, feature_layers=(vcfg.n_layers,),
-        image_token_id=hf_config.image_token_id, mrope_section=section,
-        vision_start_token_id=hf_config.vision_start_token_id, vision_end_token_id=hf_config.vision_end_token_id,
-    )
-    return cfg, vlm_cfg
+    return qwen_vl_configs(hf_config, vcfg, vision.out_hidden_size, "Qwen2_5_VLForConditionalGeneration", dtype,
+                           device)
