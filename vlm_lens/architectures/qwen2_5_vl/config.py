@@ -80,7 +80,7 @@ class _AsQwen2:
         return getattr(self._config, name)
 
 
-def _int(value: Any, name: str) -> int:
+def int_setting(value: Any, name: str) -> int:
     if not isinstance(value, int):
         raise ValueError(f"vision_config.{name}={value!r}: vlm_lens supports square patches only (an int).")
     return value
@@ -119,10 +119,10 @@ def qwen2_5_vl_configs(hf_config: Any, dtype: torch.dtype, device: str
     vision = hf_config.vision_config
     vcfg = QwenVisionConfig(
         family="qwen2_5_vl", d_model=vision.hidden_size, n_heads=vision.num_heads, d_mlp=vision.intermediate_size,
-        n_layers=vision.depth, image_size=None, patch_size=_int(vision.patch_size, "patch_size"),
+        n_layers=vision.depth, image_size=None, patch_size=int_setting(vision.patch_size, "patch_size"),
         eps=1e-6,  # transformers hard-codes it for the vision blocks and the merger
         act_fn=vision.hidden_act, n_channels=vision.in_channels, has_class_token=False,
-        temporal_patch_size=_int(vision.temporal_patch_size, "temporal_patch_size"),
+        temporal_patch_size=int_setting(vision.temporal_patch_size, "temporal_patch_size"),
         spatial_merge_size=vision.spatial_merge_size, window_size=vision.window_size,
         full_attention_layers=tuple(int(i) for i in vision.fullatt_block_indexes),
         rotary_base=float(vision.rope_parameters["rope_theta"]),
