@@ -30,7 +30,13 @@ from vlm_lens.architectures.qwen2_5_vl.testing import (
 from vlm_lens.architectures.qwen2_5_vl.vision import full_mask
 from vlm_lens.architectures.qwen2_vl.config import qwen2_vl_configs
 from vlm_lens.architectures.qwen2_vl.processor import Qwen2VLImageProcessor
-from vlm_lens.architectures.qwen2_vl.testing import image, save_qwen2_vl, tiny_qwen2_vl_config
+from vlm_lens.architectures.qwen2_vl.testing import (
+    image,
+    make_hf,
+    make_processor,
+    save_qwen2_vl,
+    tiny_qwen2_vl_config,
+)
 from vlm_lens.testing import assert_hooks_live
 
 TWO_IMAGES = f"USER : {IMAGE} what is this ? {IMAGE} describe ASSISTANT :"
@@ -246,7 +252,7 @@ def test_errors_teach_and_leave_the_model_unchanged(model, batch):
     with pytest.raises(ValueError, match="still images"):
         model(tokens, pixel_values=pixels, image_grid_thw=torch.tensor([[2, 4, 8], [1, 4, 4], [1, 10, 6]]))
     with pytest.raises(ValueError, match="videos are not supported"):
-        model.processor(text=["describe"], videos=[np.zeros((2, 16, 16, 3), dtype=np.uint8)])
+        model.prepare("describe", videos=[np.zeros((2, 16, 16, 3), dtype=np.uint8)])
     with pytest.raises(ValueError, match="one image per placeholder"):
         model.prepare(TWO_IMAGES, images=[image(SIZES["square"], 0)])
     with pytest.raises(ValueError, match="hidden_act"):
@@ -296,3 +302,39 @@ def test_analysis_toolkit_runs(model, batch):
                       layers=[0, 1])
     assert readout.features("rot_k", 1).shape == (2, 2, 4, model.cfg.d_head)
     assert readout.features("image_features").shape == (2, 2, 4, 64)
+
+
+# Qwen/Qwen2-VL-2B-Instruct's config.json as the hub ships it (written out here, not downloaded): text fields at
+# the top level, rope_scaling of type "mrope", the tower's width in embed_dim and its output in hidden_size.
+HUB_2B_CONFIG = {
+    "architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl", "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653, "image_token_id": 151655,
+    "video_token_id": 151656, "hidden_act": "silu", "hidden_size": 1536, "intermediate_size": 8960,
+    "max_position_embeddings": 32768, "max_window_layers": 28, "num_attention_heads": 12, "num_hidden_layers": 28,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": True, "use_sliding_window": False, "vocab_size": 151936,
+    "vision_config": {"depth": 32, "embed_dim": 1280, "mlp_ratio": 4, "num_heads": 16, "in_chans": 3,
+                      "hidden_size": 1536, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+}
+
+
+def test_reads_the_hub_config_of_qwen2_vl_2b():
+    from transformers import Qwen2VLConfig
+
+    cfg, vlm_cfg = qwen2_vl_configs(Qwen2VLConfig.from_dict(HUB_2B_CONFIG), torch.float32, "cpu")
+    assert (cfg.d_head, cfg.n_key_value_heads, cfg.rotary_base, cfg.n_layers) == (128, 2, 1e6, 28)
+    assert vlm_cfg.mrope_section == (16, 24, 24) and vlm_cfg.image_token_id == 151655
+    vision = vlm_cfg.vision
+    assert (vision.d_model, vision.d_mlp, vision.n_heads, vision.n_layers, vision.patch_size) == (1280, 5120, 16, 32, 14)
+    assert (vision.act_fn, vision.window_size, vision.rotary_base) == ("quick_gelu", None, 10000.0)
+
+
+def test_tied_embeddings_as_in_the_2b_model(batch):
+    hf = make_hf(tiny_qwen2_vl_config(), seed=1)
+    hf.config.tie_word_embeddings = True
+    hf.tie_weights()
+    assert hf.lm_head.weight is hf.model.language_model.embed_tokens.weight
+    model = HookedVLM.from_hf(hf, make_processor())
+    with torch.no_grad():
+        assert real(model(batch) - hf(**hf_inputs(batch)).logits, batch).abs().max() <= ATOL
