@@ -1,5 +1,5 @@
 """Qwen2.5-VL's settings (vision tower with windows and 2-D rotary, M-RoPE sections, the marker tokens)
-and how to read them from an HF ``Qwen2_5_VLConfig``."""
+and how to read them from an HF ``Qwen2_5_VLConfig``. ``qwen_vl_configs`` is the part Qwen2-VL shares."""
 
 from __future__ import annotations
 
@@ -62,14 +62,14 @@ class Qwen2_5_VLConfig(VLMConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.vision, QwenVisionConfig):
-            raise ValueError(f"Qwen2.5-VL needs a QwenVisionConfig, got {type(self.vision).__name__}.")
+            raise ValueError(f"{self.architecture} needs a QwenVisionConfig, got {type(self.vision).__name__}.")
         if len(self.mrope_section) != 3 or any(s < 0 for s in self.mrope_section):
             raise ValueError(f"mrope_section={list(self.mrope_section)} must be 3 non-negative numbers "
                              "(time, row, column).")
 
 
 class _AsQwen2:
-    """The Qwen2.5-VL text config read as a Qwen2 one (same weights, names and shapes)."""
+    """A Qwen2-VL / Qwen2.5-VL text config read as a Qwen2 one (same weights, names and shapes)."""
 
     model_type = "qwen2"
 
@@ -80,39 +80,52 @@ class _AsQwen2:
         return getattr(self._config, name)
 
 
-def _int(value: Any, name: str) -> int:
+def int_setting(value: Any, name: str) -> int:
     if not isinstance(value, int):
-        raise ValueError(f"Qwen2.5-VL vision_config.{name}={value!r}: vlm_lens supports square patches only (an int).")
+        raise ValueError(f"vision_config.{name}={value!r}: vlm_lens supports square patches only (an int).")
     return value
 
 
-def qwen2_5_vl_configs(hf_config: Any, dtype: torch.dtype, device: str
-                       ) -> tuple[HookedTransformerConfig, Qwen2_5_VLConfig]:
-    text, vision = hf_config.text_config, hf_config.vision_config
+# What transformers' Qwen2-VL and Qwen2.5-VL rotary use when the checkpoint gives no mrope_section.
+HF_DEFAULT_MROPE_SECTION = (16, 24, 24)
+
+
+def qwen_vl_configs(hf_config: Any, vcfg: QwenVisionConfig, merger_out: int, architecture: str, dtype: torch.dtype,
+                    device: str) -> tuple[HookedTransformerConfig, Qwen2_5_VLConfig]:
+    """What Qwen2-VL and Qwen2.5-VL share: the Qwen2 language model with M-RoPE, read from ``hf_config``,
+    around the family's tower ``vcfg`` whose merger outputs ``merger_out`` features per token."""
+    text = hf_config.text_config
     cfg = text_config_to_tl(_AsQwen2(text), dtype, device)
     if cfg.d_head != text.hidden_size // text.num_attention_heads:
-        raise ValueError(f"head_dim={cfg.d_head}, but Qwen2.5-VL's attention uses hidden_size / heads = "
+        raise ValueError(f"head_dim={cfg.d_head}, but {architecture}'s attention uses hidden_size / heads = "
                          f"{text.hidden_size // text.num_attention_heads}; this checkpoint variant is not supported.")
-    section = tuple(int(s) for s in text.rope_parameters.get("mrope_section", ()))
+    section = tuple(int(s) for s in text.rope_parameters.get("mrope_section", HF_DEFAULT_MROPE_SECTION))
     if sum(section) != cfg.d_head // 2 or len(section) != 3:
         raise ValueError(f"rope_parameters['mrope_section']={list(section)} must be 3 numbers adding up to "
                          f"head_dim / 2 = {cfg.d_head // 2}; fix the checkpoint's text_config.")
-    if vision.out_hidden_size != text.hidden_size:
-        raise ValueError(f"vision_config.out_hidden_size={vision.out_hidden_size} differs from the language model's "
-                         f"hidden_size={text.hidden_size}; the merger's output could not enter the sequence.")
-    vcfg = QwenVisionConfig(
-        family="qwen2_5_vl", d_model=vision.hidden_size, n_heads=vision.num_heads, d_mlp=vision.intermediate_size,
-        n_layers=vision.depth, image_size=None, patch_size=_int(vision.patch_size, "patch_size"),
-        eps=1e-6,  # transformers hard-codes it for the vision blocks and the merger
-        act_fn=vision.hidden_act, n_channels=vision.in_channels, has_class_token=False,
-        temporal_patch_size=_int(vision.temporal_patch_size, "temporal_patch_size"),
-        spatial_merge_size=vision.spatial_merge_size, window_size=vision.window_size,
-        full_attention_layers=tuple(int(i) for i in vision.fullatt_block_indexes),
-        rotary_base=float(vision.rope_parameters["rope_theta"]),
-    )
+    if merger_out != text.hidden_size:
+        raise ValueError(f"The vision merger outputs {merger_out} features per token but the language model's "
+                         f"hidden_size is {text.hidden_size}; the merger's output could not enter the sequence.")
     vlm_cfg = Qwen2_5_VLConfig(
-        architecture="Qwen2_5_VLForConditionalGeneration", vision=vcfg, feature_layers=(vcfg.n_layers,),
+        architecture=architecture, vision=vcfg, feature_layers=(vcfg.n_layers,),
         image_token_id=hf_config.image_token_id, mrope_section=section,
         vision_start_token_id=hf_config.vision_start_token_id, vision_end_token_id=hf_config.vision_end_token_id,
     )
     return cfg, vlm_cfg
+
+
+def qwen2_5_vl_configs(hf_config: Any, dtype: torch.dtype, device: str
+                       ) -> tuple[HookedTransformerConfig, Qwen2_5_VLConfig]:
+    vision = hf_config.vision_config
+    vcfg = QwenVisionConfig(
+        family="qwen2_5_vl", d_model=vision.hidden_size, n_heads=vision.num_heads, d_mlp=vision.intermediate_size,
+        n_layers=vision.depth, image_size=None, patch_size=int_setting(vision.patch_size, "patch_size"),
+        eps=1e-6,  # transformers hard-codes it for the vision blocks and the merger
+        act_fn=vision.hidden_act, n_channels=vision.in_channels, has_class_token=False,
+        temporal_patch_size=int_setting(vision.temporal_patch_size, "temporal_patch_size"),
+        spatial_merge_size=vision.spatial_merge_size, window_size=vision.window_size,
+        full_attention_layers=tuple(int(i) for i in vision.fullatt_block_indexes),
+        rotary_base=float(vision.rope_parameters["rope_theta"]),
+    )
+    return qwen_vl_configs(hf_config, vcfg, vision.out_hidden_size, "Qwen2_5_VLForConditionalGeneration", dtype,
+                           device)

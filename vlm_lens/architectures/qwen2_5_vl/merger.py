@@ -1,4 +1,5 @@
-"""Qwen2.5-VL's patch merger (its projector): RMSNorm per patch, then a two-layer MLP per merged block."""
+"""The Qwen patch merger (the projector): a norm per patch, then a two-layer MLP per merged block. The norm
+is the tower's kind: RMSNorm in Qwen2.5-VL, LayerNorm (with bias) in Qwen2-VL."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import nn
-from transformer_lens.components import RMSNorm
+from transformer_lens.components import LayerNorm, RMSNorm
 from transformer_lens.config import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
@@ -14,7 +15,7 @@ from vlm_lens.architectures.qwen2_5_vl.config import Qwen2_5_VLConfig
 
 
 class PatchMerger(nn.Module):
-    """Qwen2.5-VL's projector: RMSNorm per patch, then ``W_out gelu(W_in x + b_in) + b_out`` per block.
+    """The projector: ``ln_q`` per patch, then ``W_out gelu(W_in x + b_in) + b_out`` per block.
 
     Hooks: ``projector.hook_in`` [n_tokens, merge**2 * d_vision] (the image features), ``projector.ln_q.*``
     [n_tokens, merge**2, d_vision], ``projector.hook_hidden`` after the GELU, ``projector.hook_out``
@@ -27,7 +28,8 @@ class PatchMerger(nn.Module):
         self.n_merged = vcfg.spatial_merge_size**2
         d_in = vcfg.d_model * self.n_merged
         dtype = vision_cfg.dtype
-        self.ln_q = RMSNorm(vision_cfg, length=vcfg.d_model)  # shares the tower's config: dtype moves with it
+        norm = LayerNorm if vision_cfg.normalization_type == "LN" else RMSNorm  # the tower's kind of norm
+        self.ln_q = norm(vision_cfg, length=vcfg.d_model)  # shares the tower's config: dtype moves with it
         self.W_in = nn.Parameter(torch.empty(d_in, d_in, dtype=dtype))
         self.b_in = nn.Parameter(torch.empty(d_in, dtype=dtype))
         self.W_out = nn.Parameter(torch.empty(d_in, d_model, dtype=dtype))

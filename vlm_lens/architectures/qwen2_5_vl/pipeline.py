@@ -40,7 +40,7 @@ def image_grids(extras: dict[str, Any]) -> torch.Tensor:
     """``image_grid_thw`` from ``extras`` as a [n_images, 3] LongTensor, checked."""
     grids = extras.get("image_grid_thw")
     if grids is None:
-        raise ValueError("Qwen2.5-VL needs image_grid_thw (each image's (t, h, w) patch grid): pass image_grid_thw=... "
+        raise ValueError("This model needs image_grid_thw (each image's (t, h, w) patch grid): pass image_grid_thw=... "
                          "with tokens and pixel_values, or build inputs with model.prepare(prompt, images=[...]).")
     grids = torch.as_tensor(grids).long().cpu()
     if grids.ndim != 2 or grids.shape[1] != 3:
@@ -64,10 +64,11 @@ class Qwen2_5_VLPipeline(ImagePipeline):
 
     extra_keys: tuple[str, ...] = ("image_grid_thw",)
     supports_start_at_layer = False
+    vision_class: type[HookedQwen2_5_VLVision] = HookedQwen2_5_VLVision  # Qwen2-VL's pipeline swaps the tower
 
     def build(self, model: HookedVLM) -> None:
         """The tower, the patch merger as the projector, and M-RoPE in every language-model attention layer."""
-        model.vision = HookedQwen2_5_VLVision(model.vlm_cfg, dtype=model.cfg.dtype)
+        model.vision = self.vision_class(model.vlm_cfg, dtype=model.cfg.dtype)
         model.projector = PatchMerger(model.vlm_cfg, model.cfg.d_model, model.vision.cfg)
         for i, block in enumerate(model.blocks):
             if not isinstance(block.attn, GroupedQueryAttention):

@@ -43,12 +43,16 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
                                    additional_special_tokens=MARKERS)  # Qwen prepends no BOS
 
 
+# The 2-layer Qwen2 language model with grouped-query attention and M-RoPE (Qwen2-VL's tests use it too).
+TINY_TEXT = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, rms_norm_eps=1e-5,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
+
+
 def tiny_qwen_config(**vision_overrides) -> Qwen2_5_VLConfig:
     """initializer_range=0.1 (HF: 0.02) so that positions and windows move the logits by ~0.3, far above ATOL."""
-    text = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, rms_norm_eps=1e-5,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-                pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
+    text = dict(TINY_TEXT, rope_parameters=dict(TINY_TEXT["rope_parameters"]))
     vision = dict(depth=3, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=PATCH,
                   spatial_merge_size=MERGE, temporal_patch_size=2, window_size=16, out_hidden_size=32,
                   fullatt_block_indexes=[1], hidden_act="silu", initializer_range=0.1)

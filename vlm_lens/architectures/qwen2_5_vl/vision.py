@@ -20,6 +20,9 @@ Reused from TransformerLens: ``TransformerBlock`` (hooks, residual wiring), ``At
 scores, pattern, z, result), ``RMSNorm``, ``GatedMLP``. Written here, because TransformerLens has no
 equivalent: the rotary (2-D, not positional), the window mask (passed as TL's additive mask), and the MLP's
 gate and up biases (TL's ``GatedMLP`` has one bias, added after the product).
+
+Qwen2-VL's tower (``vlm_lens.architectures.qwen2_vl.vision``) is this one with LayerNorm, a plain MLP and no
+windows: it overrides ``block_config`` and ``make_mlp``.
 """
 
 from __future__ import annotations
@@ -41,12 +44,15 @@ from vlm_lens.context import Scoped
 from vlm_lens.rotary import rotate_half
 
 
-def qwen_vision_block_config(vcfg: QwenVisionConfig, dtype: torch.dtype) -> HookedTransformerConfig:
-    """TL config of the blocks: bidirectional, RMSNorm, gated MLP, rotary over the whole head."""
+def qwen_vision_block_config(vcfg: QwenVisionConfig, dtype: torch.dtype, normalization_type: str = "RMS",
+                             gated_mlp: bool = True, act_fn: str | None = None) -> HookedTransformerConfig:
+    """TL config of the blocks: bidirectional, rotary over the whole head; RMSNorm and a gated MLP unless told
+    otherwise. ``act_fn`` overrides ``vcfg.act_fn`` (for an activation TL's config rejects, set on the MLP later)."""
     return HookedTransformerConfig(
         n_layers=vcfg.n_layers, d_model=vcfg.d_model, d_head=vcfg.d_head, n_heads=vcfg.n_heads,
-        d_mlp=vcfg.d_mlp, d_vocab=1, act_fn=vcfg.act_fn, eps=vcfg.eps, normalization_type="RMS",
-        attention_dir="bidirectional", gated_mlp=True, positional_embedding_type="rotary",
+        d_mlp=vcfg.d_mlp, d_vocab=1, act_fn=act_fn or vcfg.act_fn, eps=vcfg.eps,
+        normalization_type=normalization_type, attention_dir="bidirectional", gated_mlp=gated_mlp,
+        positional_embedding_type="rotary",
         rotary_dim=vcfg.d_head, rotary_adjacent_pairs=False, rotary_base=vcfg.rotary_base,
         n_ctx=1,  # unused: positions are 2-D and come with each image (TL's 1-D rotary tables stay empty)
         dtype=dtype, init_weights=False, original_architecture="qwen2_5_vl_vision",
@@ -69,7 +75,7 @@ VISION_CALL: Scoped[VisionContext] = Scoped("vlm_lens_qwen_vision_call")
 def _context() -> VisionContext:
     ctx = VISION_CALL.get()
     if ctx is None:
-        raise ValueError("The Qwen2.5-VL vision attention runs only inside model.vision(pixel_values, grid_thw).")
+        raise ValueError("The Qwen vision attention runs only inside model.vision(pixel_values, grid_thw).")
     return ctx
 
 
@@ -122,17 +128,24 @@ class HookedQwen2_5_VLVision(nn.Module):
         vcfg: QwenVisionConfig = cfg.vision
         self.vision_cfg = vcfg
         self.vlm_cfg = cfg
-        self.cfg = qwen_vision_block_config(vcfg, dtype)
+        self.cfg = self.block_config(vcfg, dtype)
         p, t = vcfg.patch_size, vcfg.temporal_patch_size
         self.W_patch = nn.Parameter(torch.empty(vcfg.d_model, vcfg.n_channels, t, p, p, dtype=dtype))
         self.hook_patch_embed = HookPoint()  # [n_images, max_patches, d_vision]
         self.blocks = nn.ModuleList()
         for i in range(vcfg.n_layers):
             block = TransformerBlock(self.cfg, i)
-            mask = full_mask if i in vcfg.full_attention_layers else window_mask
-            block.attn = MaskedRotaryAttention(self.cfg, i, vision_rotary, mask)
-            block.mlp = QwenVisionMLP(self.cfg)
+            windowed = vcfg.window_size is not None and i not in vcfg.full_attention_layers
+            block.attn = MaskedRotaryAttention(self.cfg, i, vision_rotary, window_mask if windowed else full_mask)
+            block.mlp = self.make_mlp()
             self.blocks.append(block)
+
+    @staticmethod
+    def block_config(vcfg: QwenVisionConfig, dtype: torch.dtype) -> HookedTransformerConfig:
+        return qwen_vision_block_config(vcfg, dtype)
+
+    def make_mlp(self) -> nn.Module:
+        return QwenVisionMLP(self.cfg)
 
     @property
     def patch_dim(self) -> int:
@@ -178,6 +191,6 @@ class HookedQwen2_5_VLVision(nn.Module):
         same_window = same_image & (window[:, :, None] == window[:, None, :])
         ignore = torch.tensor(float("-inf"), dtype=self.cfg.dtype)
         zero = torch.tensor(0.0, dtype=self.cfg.dtype)
-        return VisionContext(cos=freqs.cos(), sin=freqs.sin(),
-                             full_mask=torch.where(same_image, zero, ignore)[:, None].to(device),
-                             window_mask=torch.where(same_window, zero, ignore)[:, None].to(device))
+        full = torch.where(same_image, zero, ignore)[:, None].to(device)
+        windows = full if side is None else torch.where(same_window, zero, ignore)[:, None].to(device)
+        return VisionContext(cos=freqs.cos(), sin=freqs.sin(), full_mask=full, window_mask=windows)
