@@ -5,8 +5,9 @@
 - ``language``: HF text configs -> ``HookedTransformerConfig``; weights through TransformerLens's own
   converters.
 - ``checks``: strict weight-name checks.
-- ``llava/``, ``llava_next/``, ``llava_onevision/``, ``qwen2_5_vl/``: the families. Each holds its config
-  reading, converter, image pipeline, processor shims and test factories (``testing.py``).
+- one folder per family (``llava/``, ``qwen2_5_vl/``, ...; ``supported_architectures()`` lists them all):
+  its config reading, converter, image pipeline, processor shims and test factories (``testing.py``).
+  ``README.md`` here lists the files a new family needs.
 """
 
 from vlm_lens.architectures.registry import (
