@@ -46,6 +46,7 @@ class CallContext:
     image_mask: torch.Tensor | None = None  # [batch, pos] positions that receive image embeddings
     image_embeds: torch.Tensor | None = None  # [n_image_tokens, d_model] in sequence order
     positions: Any = None  # a family's position ids for the call's keys (e.g. M-RoPE), or None
+    side_outputs: dict[str, Any] = field(default_factory=dict)  # the encode's ImagePlan.side_outputs
 
 
 @dataclass
@@ -61,6 +62,7 @@ class PromptImages:
     image_embeds: torch.Tensor | None
     extras: dict[str, Any] = field(default_factory=dict)
     positions: Any = None
+    side_outputs: dict[str, Any] = field(default_factory=dict)  # the encode's ImagePlan.side_outputs
 
 
 CALL: Scoped[CallContext] = Scoped("vlm_lens_call")

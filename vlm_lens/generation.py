@@ -90,7 +90,7 @@ def generate(
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         # The prompt's images, encoded once; this object lives for this call only.
         embeds = None if plan is None else model._encode(pixel_values, plan)
-        prompt = PromptImages(image_mask, embeds, extras)
+        prompt = PromptImages(image_mask, embeds, extras, side_outputs={} if plan is None else plan.side_outputs)
         step_input, step_mask = tokens, attention_mask
         for _ in tqdm(range(max_new_tokens), disable=not verbose):
             logits = model.forward(step_input, return_type="logits", attention_mask=step_mask,

@@ -240,12 +240,13 @@ class HookedVLM(HookedTransformer):
             extras.update(prompt_images.extras)
             # Inside generate(): the prompt's images go in wherever the call covers the prompt.
             if cached_length(past_kv_cache) == 0 and prompt_images.image_embeds is not None:
-                return CallContext(prompt_images.image_mask, prompt_images.image_embeds)
+                return CallContext(prompt_images.image_mask, prompt_images.image_embeds,
+                                   side_outputs=prompt_images.side_outputs)
             return CallContext()
         image_mask, plan = self._check_image_inputs(tokens, pixel_values, extras)
         if plan is None:
             return CallContext()
-        return CallContext(image_mask, self._encode(pixel_values, plan))
+        return CallContext(image_mask, self._encode(pixel_values, plan), side_outputs=plan.side_outputs)
 
     # ----------------------------------------------------------------------------------- inputs
     def prepare(self, prompts: str | list[str], images: Any = None, **kwargs: Any) -> VLMInputs:

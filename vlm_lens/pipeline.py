@@ -13,7 +13,7 @@ keeps no per-call state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,10 +26,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ImagePlan:
-    """A validated batch of images: sequence tokens per image, plus whatever the family needs later."""
+    """A validated batch of images: sequence tokens per image, plus whatever the family needs later.
+
+    ``side_outputs`` is filled while the images are encoded with what the language model's own modules read
+    besides the image embeddings (e.g. Qwen3-VL's deepstack features); it travels with the embeddings into
+    ``CallContext.side_outputs``, also on every ``generate`` step that covers the prompt.
+    """
 
     tokens_per_image: tuple[int, ...]
     detail: Any = None
+    side_outputs: dict[str, Any] = field(default_factory=dict)
 
 
 class ImagePipeline:

@@ -5,6 +5,8 @@
   function of the family (e.g. multimodal rotary positions) instead of TransformerLens's 1-D tables.
 - ``MaskedRotaryAttention``: a bidirectional TransformerLens ``Attention`` whose rotary embedding and
   additive mask come from functions (e.g. a vision tower with 2-D rotary and window masks).
+- ``ResidualTermBlock``: a TransformerLens ``TransformerBlock`` whose output has one more term, defined by a
+  subclass (e.g. Qwen3-VL's deepstack features added to the first layers' residual stream).
 
 Every hook (``hook_q``, ``hook_rot_q``, ``hook_attn_scores``, ``hook_pattern``, ``hook_z``, ...) keeps its
 name, shape and place: only the rotary and the mask change.
@@ -16,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformer_lens.components import AbstractAttention, Attention
+from transformer_lens.components import AbstractAttention, Attention, TransformerBlock
 
 # (x [batch, pos, head, d_head], offset of x's first position among the keys) -> rotated x, or None to
 # use TransformerLens's own rotary (e.g. outside the forward pass that provides positions).
@@ -71,3 +73,20 @@ class MaskedRotaryAttention(Attention):
     def forward(self, query_input, key_input, value_input, past_kv_cache_entry=None,
                 additive_attention_mask=None, attention_mask=None, position_bias=None):
         return super().forward(query_input, key_input, value_input, additive_attention_mask=self.mask_fn())
+
+
+class ResidualTermBlock(TransformerBlock):
+    """A ``TransformerBlock`` with ``resid_post = resid_mid + mlp_out + residual_term(mlp_out)``.
+
+    Subclasses define ``residual_term`` (None: nothing added). The term is added in ``apply_mlp``,
+    TransformerLens's last step before ``hook_resid_post``, so ``hook_mlp_out`` stays the MLP's own output and
+    ``hook_resid_post`` (the next block's ``hook_resid_pre``) includes the term.
+    """
+
+    def residual_term(self, mlp_out: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def apply_mlp(self, normalized_resid: torch.Tensor) -> torch.Tensor:
+        mlp_out = super().apply_mlp(normalized_resid)
+        term = self.residual_term(mlp_out)
+        return mlp_out if term is None else mlp_out + term
