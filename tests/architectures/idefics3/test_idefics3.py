@@ -23,6 +23,7 @@ from vlm_lens.architectures.idefics3.testing import (
     tiny_config,
 )
 from vlm_lens.architectures.idefics3.tiles import TileSpan, image_tiles
+from vlm_lens.inputs import inputs_from_tokens
 from vlm_lens.testing import assert_hooks_live
 
 TWO_IMAGES = "USER : <image> <image> what is this ? ASSISTANT :"
@@ -231,6 +232,19 @@ def test_a_region_changes_exactly_the_tokens_of_its_boxes(unmixed, box):
     layout = clean.layout
     expected = {int(p) for i in image_tiles(layout, 0) for p in layout.positions_in_box(i, box)}
     assert changed == expected and len(expected) == 2 + (box[0] == 8)  # one or two crop tokens, one global
+
+
+def test_hand_made_inputs_stacked_tiles_without_tile_grid(model, batch):
+    """Tokens and the real tiles stacked [n_tiles, 3, H, W], no mask, no tile_grid: the same logits; each tile is
+    then laid out as an image of its own."""
+    keep = batch.pixel_values.flatten(0, 1).flatten(1).ne(0).any(1)
+    tiles = batch.pixel_values.flatten(0, 1)[keep]
+    with torch.no_grad():
+        ours = model(batch.tokens, pixel_values=tiles, attention_mask=batch.attention_mask)
+        assert real(ours - model(batch), batch).abs().max() <= ATOL
+    layout = inputs_from_tokens(model, batch.tokens, tiles, batch.attention_mask).layout
+    assert [(s.image, s.tile) for s in layout.spans] == [(i, None) for i in range(11)]
+    assert [s.grid.tolist() for s in layout.spans] == [s.grid.tolist() for s in batch.layout.spans]
 
 
 # ----------------------------------------------------------------------------------- errors
