@@ -49,17 +49,19 @@ def image_tiles(layout: ImageLayout, image: int) -> list[int]:
     """Layout indices of image ``image``'s tiles: its crops row by row, then its global image."""
     found = [i for i, s in enumerate(layout.spans) if getattr(s, "image", None) == image]
     if not found:
-        raise ValueError(f"image {image} is not in this layout (it holds {_n_images(layout)} image(s)).")
+        n = len({getattr(s, "image", None) for s in layout.spans})
+        raise ValueError(f"image {image} is not in this layout, which holds {n} image(s) (numbered from 0).")
     return found
-
-
-def _n_images(layout: ImageLayout) -> int:
-    return len({getattr(s, "image", i) for i, s in enumerate(layout.spans)})
 
 
 def tiles_per_image(tile_grid: Int[torch.Tensor, "n_images 2"]) -> list[int]:
     """Crops plus the global image, per image ((0, 0): the global image only)."""
-    return [r * c + 1 if r * c else 1 for r, c in tile_grid.tolist()]
+    pairs = tile_grid.tolist()
+    bad = [p for p in pairs if min(p) < 0 or (0 in p and p != [0, 0])]
+    if bad:
+        raise ValueError(f"tile_grid rows {bad} are not (rows, cols) of crops, both positive or both 0 (not split); "
+                         "pass tile_grid from the same processor call as the tokens.")
+    return [r * c + 1 for r, c in pairs]
 
 
 def _boxes(size: tuple[int, int], side: int, rows: int, cols: int, tile: tuple[int, int] | None) -> torch.Tensor:
