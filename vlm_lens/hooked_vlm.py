@@ -213,8 +213,8 @@ class HookedVLM(HookedTransformer):
         if kwargs.get("start_at_layer") is not None:
             if not self.pipeline.supports_start_at_layer:
                 raise ValueError(
-                    f"start_at_layer is not supported for {self.vlm_cfg.architecture}: its rotary positions are "
-                    "computed from the whole input. Patch the residual with a hook on "
+                    f"start_at_layer is not supported for {self.vlm_cfg.architecture}: its rotary positions or "
+                    "attention mask are computed from the whole input. Patch the residual with a hook on "
                     "blocks.{l}.hook_resid_pre instead."
                 )
             return super().forward(input, *args, **kwargs)

@@ -42,8 +42,8 @@ class ImagePipeline:
     """Interface; ``extras`` holds the per-architecture inputs (e.g. ``image_sizes``)."""
 
     extra_keys: tuple[str, ...] = ()
-    # False where the LM's positions come from the pipeline (e.g. M-RoPE), which a residual passed in
-    # with start_at_layer cannot carry.
+    # False where the LM's positions or attention mask come from the image positions (e.g. M-RoPE, Gemma 3's
+    # image blocks), which a residual passed in with start_at_layer cannot carry.
     supports_start_at_layer: bool = True
 
     def build(self, model: HookedVLM) -> None:

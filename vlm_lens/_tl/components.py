@@ -7,6 +7,9 @@
   additive mask come from functions (e.g. a vision tower with 2-D rotary and window masks).
 - ``ResidualTermBlock``: a TransformerLens ``TransformerBlock`` whose output has one more term, defined by a
   subclass (e.g. Qwen3-VL's deepstack features added to the first layers' residual stream).
+- ``with_attention_overlay``: a causal TransformerLens attention layer that also lets chosen (query, key)
+  pairs attend, given per call by a function of the family (e.g. an image's tokens attending to each other
+  in both directions, or a prefix-LM prompt).
 
 Every hook (``hook_q``, ``hook_rot_q``, ``hook_attn_scores``, ``hook_pattern``, ``hook_z``, ...) keeps its
 name, shape and place: only the rotary and the mask change.
@@ -90,3 +93,53 @@ class ResidualTermBlock(TransformerBlock):
         mlp_out = super().apply_mlp(normalized_resid)
         term = self.residual_term(mlp_out)
         return mlp_out if term is None else mlp_out + term
+
+
+# (n_queries, n_keys, offset of the first query among the keys, device) -> bool [batch, 1, n_queries, n_keys]
+# of the (query, key) pairs that may attend on top of the causal mask, or None for the plain causal mask.
+Overlay = Callable[[int, int, int, torch.device], "torch.Tensor | None"]
+
+
+class _AttentionOverlay(AbstractAttention):
+    """Mixin: TransformerLens's causal mask, OR the pairs of ``self.attention_overlay``; a local layer then
+    keeps only keys inside its window (``key > query - window_size``), so the overlay never reaches past it.
+
+    The mask is applied before ``hook_attn_scores``, so hooks see (and may further mask) the scores the model
+    uses; padding is still masked by TransformerLens's ``attention_mask`` after this.
+    """
+
+    attention_overlay: Overlay
+
+    def _make_causal_mask(self, query_ctx_length: int, key_ctx_length: int, past_kv_pos_offset: int,
+                          device: torch.device) -> torch.Tensor:
+        extra = self.attention_overlay(query_ctx_length, key_ctx_length, past_kv_pos_offset, device)
+        if extra is None:
+            return super()._make_causal_mask(query_ctx_length, key_ctx_length, past_kv_pos_offset, device)
+        queries = torch.arange(past_kv_pos_offset, past_kv_pos_offset + query_ctx_length, device=device)[:, None]
+        keys = torch.arange(key_ctx_length, device=device)[None, :]
+        mask = (keys <= queries) | extra.to(device=device, dtype=torch.bool)
+        if self.attn_type == "local":
+            mask = mask & (keys > queries - self.cfg.window_size)
+        return mask
+
+
+_OVERLAY_CLASSES: dict[type, type] = {}
+
+
+def with_attention_overlay(attn: AbstractAttention, overlay: Overlay) -> None:
+    """Make the causal layer ``attn`` (any TransformerLens attention) also attend over ``overlay``'s pairs.
+
+    Call it while building the model (before ``install_fast_components``): the layer keeps TransformerLens's
+    own forward (its class is no longer one the fast path swaps), so the scores and the pattern always hold
+    the overlay, with or without hooks.
+    """
+    from vlm_lens._tl.fast.attention import FastAttentionMixin
+
+    if isinstance(attn, FastAttentionMixin):
+        raise TypeError("with_attention_overlay needs TransformerLens's own attention class; apply it while "
+                        "building the model, before the fast components are installed.")
+    base = type(attn)
+    if base not in _OVERLAY_CLASSES:
+        _OVERLAY_CLASSES[base] = type(f"{base.__name__}WithOverlay", (_AttentionOverlay, base), {})
+    swap_class(attn, _OVERLAY_CLASSES[base])
+    attn.attention_overlay = overlay
