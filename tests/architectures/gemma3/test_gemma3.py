@@ -276,6 +276,9 @@ def test_analysis_toolkit_runs(model):
     with torch.no_grad():
         _, cache = model.run_with_cache(two, names_filter="hook_image_embeds")
     assert torch.equal(readout.features("image_embeds"), cache["hook_image_embeds"].reshape(3, 3, 3, -1))
+    with pytest.raises(ValueError, match="Read site 'image_embeds' instead"):
+        read_kv(model, two, layers=[0], sites=("image_features",))
+    assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
 
 
 def test_start_at_layer_is_refused_rather_than_silently_wrong(model, batch):

@@ -149,8 +149,17 @@ def _capture_hooks(model: HookedVLM, layout: ImageLayout, sites: Sequence[str], 
         b, g = batch[:, None, None].to(device), grid.to(device)
         return lambda act, hook: keep(key, act[b, g])
 
+    n_tokens = [s.end - s.start for s in layout.spans]
+
     def vision_hook(key: tuple) -> Callable:
         def hook(act: torch.Tensor, hook: Any) -> None:
+            rows = (act.shape[0],) if act.ndim == 2 else tuple(act.shape[:2])
+            expected = (sum(n_tokens),) if act.ndim == 2 else (len(n_tokens), max(n_tokens))
+            if rows != expected:
+                raise ValueError(
+                    f"{hook.name} has {list(rows)} rows but the images hold {n_tokens} tokens: this model's "
+                    f"projector pools or merges the features, so site {key[0]!r} has no row per image token. "
+                    "Read site 'image_embeds' instead.")
             if act.ndim == 2:  # [total_image_tokens, d]: images of different token counts
                 keep(key, act[_token_index(layout, flat=True).to(act.device)])
             else:
