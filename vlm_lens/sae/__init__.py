@@ -26,7 +26,24 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("vlm_lens.sae needs SAE Lens: pip install 'vlm-lens[sae]' (or pip install sae-lens).") from exc
 
+from vlm_lens.sae.alignment import Alignment, alignment, organism_property_masks
+from vlm_lens.sae.features import (
+    PatchHit,
+    feature_acts,
+    feature_heatmap,
+    feature_map,
+    patch_grid,
+    scan_patches,
+    top_patches,
+)
 from vlm_lens.sae.hooked import HookedSAEVLM, Positions
 from vlm_lens.sae.loading import ORGANISM_SAE, load_organism_sae, load_sae, organism_sae_path
+from vlm_lens.sae.page import feature_page, patch_crop
+from vlm_lens.sae.training import activation_batches, activation_rows, train_sae
 
-__all__ = ["ORGANISM_SAE", "HookedSAEVLM", "Positions", "load_organism_sae", "load_sae", "organism_sae_path"]
+__all__ = [
+    "ORGANISM_SAE", "Alignment", "HookedSAEVLM", "PatchHit", "Positions", "activation_batches", "activation_rows",
+    "alignment", "organism_property_masks",
+    "feature_acts", "feature_heatmap", "feature_map", "feature_page", "load_organism_sae", "load_sae",
+    "organism_sae_path", "patch_crop", "patch_grid", "scan_patches", "top_patches", "train_sae",
+]
