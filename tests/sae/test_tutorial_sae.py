@@ -1,13 +1,17 @@
 """The SAE tutorial runs end to end (so it cannot rot)."""
 
+import os
 from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).parent.parent.parent / "tutorials" / "sae_on_the_organism.ipynb"
+ROOT = Path(__file__).resolve().parent.parent.parent
+NOTEBOOK = ROOT / "tutorials" / "sae_on_the_organism.ipynb"
 
 
-def test_sae_tutorial_executes(tmp_path):
+def test_sae_tutorial_executes(tmp_path, monkeypatch):
+    # the kernel runs in tmp_path: put this checkout first on its path, whatever PYTHONPATH says
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(NOTEBOOK, as_version=4)
