@@ -155,7 +155,7 @@ class HookedSAEVLM(HookedVLM, HookedSAETransformer):
                       and not (isinstance(a.positions, str) and a.positions == "all" and a.exclude_special_tokens is False)]
         if not restricted:
             return super().forward(input, *args, **kwargs)
-        tokens, image_mask = self._tokens_and_image_mask(input, kwargs)
+        tokens, image_mask = (t.cpu() for t in self._tokens_and_image_mask(input, kwargs))
         offset = _cache_length(kwargs.get("past_kv_cache"))
         wrappers = []
         try:
@@ -183,7 +183,8 @@ class HookedSAEVLM(HookedVLM, HookedSAETransformer):
 
     def _bypass_mask(self, attachment: _Attachment, tokens: torch.Tensor, image_mask: torch.Tensor,
                      offset: int) -> torch.Tensor:
-        """[batch, pos] bool, True where the original activation passes through (SAE Lens's convention)."""
+        """[batch, pos] bool on the model's device, True where the original activation passes through (SAE
+        Lens's convention)."""
         positions = attachment.positions
         if isinstance(positions, str):
             keep = {"all": torch.ones_like(image_mask), "image": image_mask, "text": ~image_mask}[positions]
@@ -193,7 +194,7 @@ class HookedSAEVLM(HookedVLM, HookedSAETransformer):
         if special is not False:
             ids = special if isinstance(special, list) else get_special_token_ids(self.tokenizer)
             keep = keep & ~torch.isin(tokens, torch.as_tensor(ids, dtype=tokens.dtype, device=tokens.device))
-        return ~keep.to(tokens.device)
+        return ~keep.to(self.cfg.device)
 
 
 def _require_sequence_hook(name: str, what: str) -> None:
