@@ -20,8 +20,9 @@ def path() -> Path:
     return Path(__file__).resolve().parent / "weights"
 
 
-def load(device: str = "cpu"):
-    """The shipped organism as a HookedVLM."""
+def load(device: str = "cpu", *, model_class=None):
+    """The shipped organism as a HookedVLM (or as ``model_class``, a HookedVLM subclass such as
+    ``vlm_lens.sae.HookedSAEVLM``)."""
     from vlm_lens import HookedVLM
 
-    return HookedVLM.from_pretrained(str(path()), device=device)
+    return (model_class or HookedVLM).from_pretrained(str(path()), device=device)

@@ -1,0 +1,71 @@
+"""Activations at image tokens streamed into SAE Lens's trainer, and SAEs saved and loaded in its format."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sae_helpers import PROMPTS, rgb
+
+from vlm_lens.sae import activation_batches, activation_rows, load_sae, train_sae
+
+HOOK = "blocks.1.hook_resid_pre"
+
+
+def _items(n, offset=0):
+    return [SimpleNamespace(prompt=PROMPTS[i % 2], image=rgb(100 + offset + i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("positions", ["image", "text", "all"])
+def test_activation_rows_are_the_cache_at_the_chosen_positions(sae_model, positions):
+    items = _items(3)
+    rows = torch.cat(list(activation_rows(sae_model, items, HOOK, positions=positions, batch_size=2)))
+    expected = []
+    for start in (0, 2):
+        batch = items[start:start + 2]
+        inputs = sae_model.prepare([it.prompt for it in batch], images=[[it.image] for it in batch])
+        _, cache = sae_model.run_with_cache(inputs, names_filter=HOOK)
+        real, image = inputs.attention_mask.bool(), inputs.image_mask
+        keep = {"image": image, "text": real & ~image, "all": real}[positions]
+        expected.append(cache[HOOK][keep])
+    assert torch.allclose(rows, torch.cat(expected))
+    if positions == "image":
+        assert len(rows) == 3 * 16  # 4 x 4 patches per image
+
+
+def test_vision_hooks_give_every_token_and_reject_text(sae_model):
+    rows = next(activation_rows(sae_model, _items(2), "vision.blocks.0.hook_resid_post"))
+    assert rows.shape == (2 * 17, 24)  # CLS + 16 patches per image
+    with pytest.raises(ValueError, match="language-model hook"):
+        next(activation_rows(sae_model, _items(2), "vision.blocks.0.hook_resid_post", positions="text"))
+
+
+def test_activation_batches_shuffle_and_repeat(sae_model):
+    items = _items(4)
+    batches = activation_batches(sae_model, items, HOOK, batch_size=8, buffer_batches=2, forward_batch_size=2)
+    first = [next(batches) for _ in range(12)]  # 96 rows > the 64 the items give: the items run again
+    assert all(b.shape == (8, 32) for b in first)
+    once = torch.cat(list(activation_rows(sae_model, items, HOOK)))
+    seen = torch.cat(first[:4])
+    assert all((once - row).abs().sum(-1).min() < 1e-5 for row in seen)  # every row is a real activation
+    assert not torch.equal(seen, once[:32])  # and they are mixed
+    finite = list(activation_batches(sae_model, items, HOOK, batch_size=8, buffer_batches=2, repeat=False))
+    assert len(finite) == 64 // 8
+
+
+def test_train_sae_with_sae_lens_trainer_then_save_and_load(sae_model, tmp_path):
+    items = _items(48)
+    sae = train_sae(sae_model, items, HOOK, d_sae=64, k=4, training_samples=32 * 256, batch_size=256, lr=3e-3,
+                    normalize_activations="none", out=str(tmp_path / "sae"))
+    assert sae.cfg.metadata.hook_name == HOOK and sae.cfg.d_in == 32 and sae.cfg.d_sae == 64
+    held_out = torch.cat(list(activation_rows(sae_model, _items(8, offset=500), HOOK)))
+    recon = sae.decode(sae.encode(held_out))
+    assert ((recon - held_out) ** 2).sum() / (held_out**2).sum() < 0.1  # about 0.6 before training
+    assert ((sae.encode(held_out) > 0).sum(-1) <= 4).all()
+    loaded = load_sae(tmp_path / "sae")
+    assert torch.equal(loaded.encode(held_out), sae.encode(held_out))
+    with pytest.raises(ValueError, match="give exactly one of k"):
+        train_sae(sae_model, items, HOOK, d_sae=8, k=None)
+    with pytest.raises(ValueError, match="release and id"):
+        load_sae(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no cfg.json"):
+        load_sae(tmp_path)
