@@ -177,3 +177,9 @@ def test_errors_teach(sae_model, tiny_inputs):
     with sae_model.saes([make_sae("blocks.0.hook_resid_post", 32)], positions=[-500]):
         with pytest.raises(ValueError, match="count back past the start"):
             sae_model(tiny_inputs)
+
+
+def test_an_unknown_hook_name_is_an_error_and_attaches_nothing(sae_model):
+    with pytest.raises(ValueError, match="no hook point 'blocks.99.hook_resid_post'"):
+        sae_model.add_sae(make_sae("blocks.99.hook_resid_post", 32))
+    assert not sae_model.acts_to_saes

@@ -10,8 +10,8 @@ exposes the SAE's hooks (``<hook>.hook_sae_acts_post``, ...). What this class ad
   pass and cleared after it;
 * ``saes()`` and the ``run_with_*_saes`` helpers take ``positions=`` too, and the context manager puts
   back exactly what was attached before (restriction included);
-* two fixes that keep SAE Lens's wrapper working with vlm_lens's fast components (see
-  ``_keep_on_hooked_path`` and ``_rebind_mlp_hook_in``).
+* ``mlp.hook_in`` kept on vlm_lens's fast MLP (``_rebind_mlp_hook_in``). (The fast components run any
+  module that stands at a hook position in place of a plain ``HookPoint``, so SAE Lens's wrapper always runs.)
 
 SAE Lens internals used here (tested with sae-lens 6.54): the wrapper's ``set_token_mask`` (bypass where
 True) and that ``HookedSAETransformer.__init__`` adds ``mlp.hook_in`` by overriding ``mlp.forward``.
@@ -30,6 +30,7 @@ from sae_lens import SAE, HookedSAETransformer
 from sae_lens.util import get_special_token_ids
 
 from vlm_lens import HookedVLM, VLMInputs
+from vlm_lens._tl.kv_cache import cached_length
 from vlm_lens.sae._names import is_sequence_hook
 
 Positions = Literal["all", "image", "text"] | Sequence[int] | torch.Tensor
@@ -83,6 +84,9 @@ class HookedSAEVLM(HookedVLM, HookedSAETransformer):
         removes positions from that set. The SAE's hooks see every position either way.
         """
         name = sae.cfg.metadata.hook_name
+        if name not in self.hook_dict and name not in self.acts_to_saes:
+            raise ValueError(f"This model has no hook point {name!r} for the SAE (its cfg.metadata.hook_name); "
+                             "see model.hook_dict for the names, e.g. 'blocks.1.hook_resid_post'.")
         positions = _check_positions(name, positions)
         if exclude_special_tokens is not False:
             _require_sequence_hook(name, "exclude_special_tokens")
@@ -90,10 +94,9 @@ class HookedSAEVLM(HookedVLM, HookedSAETransformer):
         # exclude_special_tokens is left off: its forward would otherwise overwrite the mask.
         super().add_sae(sae, use_error_term=use_error_term, exclude_special_tokens=False)
         if self.acts_to_saes.get(name) is not sae:
-            return  # SAE Lens logged why (no such hook) and attached nothing
+            raise ValueError(f"SAE Lens did not attach the SAE at {name!r} (see its log); nothing was changed.")
         resolved = sae.use_error_term if use_error_term is None else use_error_term
         self._sae_attachments[name] = _Attachment(sae, resolved, exclude_special_tokens, positions)
-        _keep_on_hooked_path(self.get_submodule(sae.cfg.metadata.hook_name_out or name))
 
     def reset_saes(self, act_names: str | list[str] | None = None) -> None:
         """Detach the SAEs at ``act_names`` (default: all), putting the original hook points back."""
@@ -156,7 +159,7 @@ class HookedSAEVLM(HookedVLM, HookedSAETransformer):
         if not restricted:
             return super().forward(input, *args, **kwargs)
         tokens, image_mask = (t.cpu() for t in self._tokens_and_image_mask(input, kwargs))
-        offset = _cache_length(kwargs.get("past_kv_cache"))
+        offset = cached_length(kwargs.get("past_kv_cache"))
         wrappers = []
         try:
             for name, attachment in restricted:
@@ -246,24 +249,6 @@ def _positions_mask(positions: torch.Tensor, shape: torch.Size, offset: int, nam
     keep = torch.zeros(total, dtype=torch.bool)
     keep[index[index < total] % total] = True
     return keep[offset:].expand(batch, length)
-
-
-def _cache_length(past_kv_cache: Any) -> int:
-    """Tokens already in a TransformerLens key-value cache (0 without one)."""
-    if past_kv_cache is None:
-        return 0
-    return int(past_kv_cache[0].past_keys.shape[1])
-
-
-def _keep_on_hooked_path(wrapper: torch.nn.Module) -> None:
-    """vlm_lens's fast components skip a hook point (fused norm, fused attention) while nothing is
-    registered on it, and they cannot tell SAE Lens's wrapper from an idle hook point. A no-op forward
-    hook on the wrapper makes it look used, so the TransformerLens path runs it."""
-    wrapper.register_forward_hook(_no_op)
-
-
-def _no_op(module: torch.nn.Module, args: Any, output: Any) -> None:
-    return None
 
 
 def _rebind_mlp_hook_in(model: HookedSAETransformer) -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 from transformer_lens.components import AbstractAttention, Attention, GroupedQueryAttention
+from transformer_lens.hook_points import HookPoint
 from transformer_lens.utilities import get_offset_position_ids
 
 from vlm_lens._tl.fast.linear import addmm, nonzero_bias
@@ -33,7 +34,10 @@ _OLMO = ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
 
 
 def has_any_hook(point: nn.Module) -> bool:
-    """Whether running ``point`` would call anything (its own or torch's global module hooks)."""
+    """Whether running ``point`` would do anything: its own or torch's global module hooks, or a module that
+    is not a plain ``HookPoint`` put in its place (e.g. SAE Lens's SAE wrapper), which must always run."""
+    if type(point) is not HookPoint:
+        return True
     return bool(
         point._forward_hooks or point._forward_pre_hooks or point._backward_hooks
         or point._backward_pre_hooks or torch_module._global_forward_hooks
