@@ -159,3 +159,24 @@ def test_generation_rotary_keys_match_every_step(raw_model, inputs):
     assert [k.shape for k in runs["fast"][1]] == [k.shape for k in runs["plain"][1]]
     for fast, plain in zip(runs["fast"][1], runs["plain"][1], strict=True):
         assert (fast - plain).abs().max() <= ATOL
+
+
+def test_a_module_standing_in_for_a_hook_point_always_runs(raw_model, inputs):
+    """SAE Lens puts its wrapper where a HookPoint was; the fused norm/attention must not skip it."""
+    tokens, pixels = inputs
+
+    class Doubler(torch.nn.Module):
+        def forward(self, x):
+            return 2 * x
+
+    with torch.no_grad():
+        clean = raw_model(tokens, pixel_values=pixels)
+        for parent_name, child in (("blocks.0.ln1", "hook_normalized"), ("blocks.1.attn", "hook_pattern")):
+            parent = raw_model.get_submodule(parent_name)
+            original = getattr(parent, child)
+            setattr(parent, child, Doubler())
+            try:
+                assert not torch.allclose(raw_model(tokens, pixel_values=pixels), clean, atol=1e-4), parent_name
+            finally:
+                setattr(parent, child, original)
+        assert torch.equal(raw_model(tokens, pixel_values=pixels), clean)
