@@ -1,0 +1,161 @@
+"""``extract``: run a dataset through the model and keep chosen rows of chosen hooks on disk.
+
+Memory holds the model, one batch and the rows kept since the last shard (``shard_mb``), whatever the
+dataset's size or the sequence length; nothing else is cached. See ``vlm_lens.activations`` for the
+folder's layout, resuming and torchrun.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from vlm_lens.activations.capture import (
+    capture_hooks,
+    check_fired,
+    check_hooks,
+    check_image_rows,
+    is_sequence_hook,
+    stop_layer,
+)
+from vlm_lens.activations.dataset import DatasetReader, check_placeholders
+from vlm_lens.activations.distributed import Group, batch_block, join_group
+from vlm_lens.activations.manifest import (
+    ARGUMENTS,
+    MANIFEST,
+    check_arguments,
+    config_hash,
+    finish,
+    model_id,
+    weights_hash,
+)
+from vlm_lens.activations.positions import PositionsFn, describe, select
+from vlm_lens.activations.shards import RankShards, ShardBuffer
+from vlm_lens.activations.store import ActivationStore, load
+
+
+def extract(model: Any, dataset: Sequence[Any] | Iterable[Any], *, hooks: Sequence[str],
+            positions: str | PositionsFn = "image", out: str | Path, batch_size: int = 16,
+            dtype: torch.dtype | None = None, shard_mb: float = 256, keep_shards: bool = False,
+            progress: bool = True) -> ActivationStore:
+    """Keep the rows ``positions`` selects of every hook in ``hooks``, for every item of ``dataset``, in ``out``.
+
+    ``dataset``: a sequence or iterable of items with ``prompt`` and ``image`` (or ``images``), as
+    attributes or keys (an ``organism.ShapesDataset`` is one); an optional ``id``. ``positions``:
+    ``"image"``, ``"text"``, ``"last"``, ``"all"`` or ``fn(inputs, item) -> positions`` (see
+    ``vlm_lens.activations.positions``). ``dtype``: stored dtype (None: the hook's own). A shard is
+    written each time the kept rows reach ``shard_mb`` MiB. Killed at any point, a second call with
+    the same arguments resumes after the last complete shard and ends with the same bytes; other
+    arguments into the same folder are an error naming what differs. Under ``torchrun`` each rank
+    extracts its block of batches and rank 0 joins them.
+
+    Returns the store (``load(out)``) on every rank.
+
+    Example:
+        >>> store = extract(model, organism.ShapesDataset("test", seed=0, size=200),  # doctest: +SKIP
+        ...                 hooks=["blocks.1.hook_resid_post"], positions="image", out="acts")
+        >>> store.tensor("blocks.1.hook_resid_post").shape  # [n_rows, d_model]  # doctest: +SKIP
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if shard_mb <= 0:
+        raise ValueError(f"shard_mb must be > 0, got {shard_mb}.")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype or None (keep each hook's own), got {dtype!r}.")
+    hooks = check_hooks(model, hooks)
+    spec = describe(positions)
+    image_hooks = [h for h in hooks if not is_sequence_hook(h)]
+    if image_hooks and spec in ("text", "last", "all"):
+        raise ValueError(f"hooks {image_hooks} have rows for image tokens only, so positions={spec!r} cannot be read "
+                         "there. Use positions='image', or extract them in a separate call.")
+    out = Path(out)
+    reader = DatasetReader(dataset)
+    group = join_group(model.cfg.device)
+    try:
+        if group.active and reader.length is None:
+            raise ValueError("under torchrun the dataset needs a length (to split it by rank); pass a sequence.")
+        arguments = {"config_hash": config_hash(model), "weights_hash": weights_hash(model), "hooks": hooks,
+                     "positions": spec, "batch_size": batch_size, "dtype": str(dtype) if dtype else "as produced",
+                     "shard_mb": shard_mb, "dataset": reader.identity(), "world_size": group.world_size}
+        error = check_arguments(out, arguments) if group.rank == 0 else None
+        _raise_any(group, error)
+        if not (out / MANIFEST).exists():
+            _raise_any(group, _run_rank(model, reader, hooks, positions, out, batch_size, dtype, shard_mb, group,
+                                        progress))
+            if group.rank == 0:
+                header = {"model": {"id": model_id(model), "config_hash": arguments["config_hash"],
+                                    "weights_hash": arguments["weights_hash"]}, "arguments": ARGUMENTS}
+                finish(out, group.world_size, hooks, header, keep_shards)
+            group.barrier()
+    finally:
+        group.close()
+    return load(out)
+
+
+def _raise_any(group: Group, error: str | None) -> None:
+    """Raise on every rank if any rank failed (so no rank waits at a barrier for a rank that is gone)."""
+    errors = [e for e in group.gather(error) if e]
+    if errors:
+        raise ValueError(errors[0] if group.world_size == 1 else f"extraction failed on a rank: {errors[0]}")
+
+
+def _run_rank(model: Any, reader: DatasetReader, hooks: list[str], positions: Any, out: Path, batch_size: int,
+              dtype: torch.dtype | None, shard_mb: float, group: Group, progress: bool) -> str | None:
+    """Extract this rank's items into its shards; returns an error message rather than raising under torchrun."""
+    try:
+        start, stop = (0, None) if reader.length is None else batch_block(reader.length, batch_size, group.rank,
+                                                                           group.world_size)
+        shards = RankShards(out, group.rank, start)
+        total = None if stop is None else stop - start
+        bar = tqdm(total=total, initial=shards.next_item - start, unit="item", desc="extract", dynamic_ncols=True,
+                   disable=not progress or group.rank != 0)
+        with bar, torch.no_grad():
+            _extract_items(model, reader, hooks, positions, shards, stop, batch_size, dtype, shard_mb, bar)
+    except ValueError as err:
+        if not group.active:
+            raise
+        return str(err)
+    return None
+
+
+def _extract_items(model: Any, reader: DatasetReader, hooks: list[str], positions: Any, shards: RankShards,
+                   stop: int | None, batch_size: int, dtype: torch.dtype | None, shard_mb: float, bar: Any) -> None:
+    placeholder = model.processor.image_token
+    stop_at = stop_layer(model, hooks)
+    limit = shard_mb * 2**20
+    buffer = ShardBuffer(hooks)
+    batch: list[Any] = []
+    items = reader.items(shards.next_item, stop)
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            _run_batch(model, batch, hooks, positions, buffer, dtype, placeholder, stop_at)
+            bar.update(len(batch))
+            batch = []
+            if buffer.nbytes >= limit:
+                shards.write(buffer)
+                buffer = ShardBuffer(hooks)
+    if batch:
+        _run_batch(model, batch, hooks, positions, buffer, dtype, placeholder, stop_at)
+        bar.update(len(batch))
+    shards.write(buffer)
+
+
+def _run_batch(model: Any, batch: list[Any], hooks: list[str], positions: Any, buffer: ShardBuffer,
+               dtype: torch.dtype | None, placeholder: str, stop_at: int | None) -> None:
+    check_placeholders(batch, placeholder)
+    # right padding: every item's tokens start at position 0, so positions are the item's own
+    inputs = model.prepare([it.prompt for it in batch], images=[it.images for it in batch], padding_side="right")
+    selection = select(positions, inputs, [it.raw for it in batch], [it.index for it in batch])
+    image_mask = inputs.image_mask.cpu()
+    check_image_rows(hooks, selection, image_mask)
+    before = {h: len(buffer.parts[h]) for h in hooks}
+    fwd_hooks = capture_hooks(hooks, selection, image_mask, dtype, buffer)
+    # return_type=None: no unembedding (a pass stopped early returns its residual anyway)
+    model.run_with_hooks(inputs.to(model.cfg.device), fwd_hooks=fwd_hooks, stop_at_layer=stop_at, return_type=None)
+    check_fired(hooks, buffer.parts, before, selection.n)
+    buffer.add_items(selection, [it.id for it in batch])

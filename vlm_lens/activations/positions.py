@@ -1,0 +1,127 @@
+"""Which rows of a batch are kept, and what each kept row is (item, position, image cell).
+
+``positions`` is ``"image"`` (every image token), ``"text"`` (every real non-image token), ``"last"``
+(the last real token), ``"all"`` (every real token) or a function ``(inputs, item) -> positions`` called
+once per item with a one-row view of the batch (tokens, attention mask, image mask and layout of that
+item alone, no pixels) and the dataset item; it returns sequence positions (ints, a LongTensor or a
+bool mask over the item's tokens). Positions count from the item's first token, padding excluded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from jaxtyping import Int
+
+from vlm_lens.inputs import VLMInputs
+from vlm_lens.layout import ImageLayout
+
+NAMED = ("image", "text", "last", "all")
+ROW_FIELDS = ("item", "position", "image", "grid", "grid_row", "grid_col")
+BASE_GRID, CROP_GRID, NO_GRID = 0, 1, -1
+PositionsFn = Callable[[VLMInputs, Any], Any]
+
+
+def describe(positions: str | PositionsFn) -> str:
+    """The positions argument as it enters the fingerprint: the name, or the function's qualified name."""
+    if isinstance(positions, str):
+        if positions not in NAMED:
+            raise ValueError(f"positions={positions!r} is not one of {NAMED}; or pass a function (inputs, item) -> positions.")
+        return positions
+    if not callable(positions):
+        raise ValueError(f"positions must be one of {NAMED} or a function (inputs, item) -> positions, "
+                         f"got {type(positions).__name__}.")
+    module = getattr(positions, "__module__", None) or type(positions).__module__
+    name = getattr(positions, "__qualname__", None) or type(positions).__qualname__
+    return f"{module}.{name}"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Kept rows of one batch, in dataset order: batch row and sequence position of each, and its row info."""
+
+    batch: Int[torch.Tensor, " n"]
+    seq: Int[torch.Tensor, " n"]  # position in the padded batch
+    info: Int[torch.Tensor, "n 6"]  # ROW_FIELDS per row
+    indices: list[int]  # dataset index of each item of the batch
+    counts: list[int]  # rows kept per item
+
+    @property
+    def n(self) -> int:
+        return len(self.batch)
+
+
+def _cells(layout: ImageLayout, batch: int, length: int) -> torch.Tensor:
+    """[length, 4] (image within the item, grid kind, row, col) per position; -1 where none applies."""
+    cells = torch.full((length, 4), -1, dtype=torch.long)
+    for local, image in enumerate(layout.images_in_row(batch)):
+        span = layout.spans[image]
+        cells[span.start:span.end, 0] = local
+        for kind, grid in ((BASE_GRID, span.grid), (CROP_GRID, span.crop_grid)):
+            if grid is None:
+                continue
+            rows, cols = grid.shape
+            flat = grid.reshape(-1)
+            cells[flat, 1] = kind
+            cells[flat, 2] = torch.arange(rows).repeat_interleave(cols)
+            cells[flat, 3] = torch.arange(cols).repeat(rows)
+    return cells
+
+
+def row_view(inputs: VLMInputs, batch: int) -> VLMInputs:
+    """Batch row ``batch`` alone, padding removed (right padding: positions do not move); no pixels."""
+    length = int(inputs.attention_mask[batch].sum())
+    spans = tuple(replace(inputs.layout.spans[i], batch=0) for i in inputs.layout.images_in_row(batch))
+    return VLMInputs(tokens=inputs.tokens[batch:batch + 1, :length], attention_mask=inputs.attention_mask[batch:batch + 1, :length],
+                     image_mask=inputs.image_mask[batch:batch + 1, :length], layout=ImageLayout(spans))
+
+
+def _named(positions: str, image_mask: torch.Tensor, length: int) -> torch.Tensor:
+    if positions == "image":
+        return image_mask[:length].nonzero().flatten()
+    if positions == "text":
+        return (~image_mask[:length]).nonzero().flatten()
+    if positions == "last":
+        return torch.tensor([length - 1])
+    return torch.arange(length)
+
+
+def _from_fn(fn: PositionsFn, inputs: VLMInputs, batch: int, item: Any, index: int, length: int) -> torch.Tensor:
+    got = fn(row_view(inputs, batch), item)
+    pos = torch.as_tensor(got).cpu()
+    if pos.dtype == torch.bool:
+        if pos.shape != (length,):
+            raise ValueError(f"positions function gave a bool mask of shape {tuple(pos.shape)} for item {index}, "
+                             f"whose sequence has {length} tokens; give a mask of that length or a list of positions.")
+        return pos.nonzero().flatten()
+    if pos.is_floating_point() or pos.ndim > 1:
+        raise ValueError(f"positions function gave {tuple(pos.shape)} {pos.dtype} for item {index}; return a 1-D "
+                         "list/LongTensor of sequence positions or a bool mask over the item's tokens.")
+    pos = pos.long().reshape(-1)
+    bad = pos[(pos < 0) | (pos >= length)]
+    if len(bad):
+        raise ValueError(f"positions function gave position(s) {bad[:5].tolist()} for item {index}, whose sequence "
+                         f"has {length} tokens (0..{length - 1}).")
+    return pos
+
+
+def select(positions: str | PositionsFn, inputs: VLMInputs, items: Sequence[Any], indices: Sequence[int]) -> Selection:
+    """The kept rows of a right-padded batch: ``items[b]`` (dataset index ``indices[b]``) is batch row b."""
+    tokens_mask = inputs.image_mask.cpu()
+    lengths = inputs.attention_mask.sum(1).tolist()
+    batch, seq, info, counts = [], [], [], []
+    for b, (item, index) in enumerate(zip(items, indices)):
+        length = int(lengths[b])
+        if isinstance(positions, str):
+            pos = _named(positions, tokens_mask[b], length)
+        else:
+            pos = _from_fn(positions, inputs, b, item, index, length)
+        cells = _cells(inputs.layout, b, length)[pos]
+        batch.append(torch.full_like(pos, b))
+        seq.append(pos)
+        info.append(torch.cat([torch.full_like(pos, index)[:, None], pos[:, None], cells], dim=1))
+        counts.append(len(pos))
+    return Selection(torch.cat(batch), torch.cat(seq), torch.cat(info), [int(i) for i in indices], counts)
