@@ -86,13 +86,13 @@ class DatasetReader:
             self._first = dataset[0]
 
     def identity(self) -> dict[str, Any]:
-        """What tells two datasets apart cheaply: type, length and a hash of the first item."""
+        """What tells two datasets apart cheaply: class name (not module: a script may run as ``__main__``),
+        length and a hash of the first item."""
         first = read_item(0, self._first)
         digest = hashlib.sha256(first.prompt.encode())
         for image in first.images:
             digest.update(np.ascontiguousarray(np.asarray(image)).tobytes())
-        kind = type(self._dataset)
-        return {"type": f"{kind.__module__}.{kind.__qualname__}", "length": self.length,
+        return {"type": type(self._dataset).__qualname__, "length": self.length,
                 "first_item_sha256": digest.hexdigest()[:16]}
 
     def items(self, start: int, stop: int | None) -> Iterator[Item]:

@@ -7,7 +7,7 @@ folder's layout, resuming and torchrun.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +38,9 @@ from vlm_lens.activations.shards import RankShards, ShardBuffer
 from vlm_lens.activations.store import ActivationStore, load
 
 
-def extract(model: Any, dataset: Sequence[Any] | Iterable[Any], *, hooks: Sequence[str],
+def extract(model: Any, dataset: Any, *, hooks: Sequence[str],
             positions: str | PositionsFn = "image", out: str | Path, batch_size: int = 16,
-            dtype: torch.dtype | None = None, shard_mb: float = 256, keep_shards: bool = False,
+            dtype: torch.dtype | None = None, shard_mb: float | int = 256, keep_shards: bool = False,
             progress: bool = True) -> ActivationStore:
     """Keep the rows ``positions`` selects of every hook in ``hooks``, for every item of ``dataset``, in ``out``.
 
@@ -104,7 +104,7 @@ def _raise_any(group: Group, error: str | None) -> None:
 
 
 def _run_rank(model: Any, reader: DatasetReader, hooks: list[str], positions: Any, out: Path, batch_size: int,
-              dtype: torch.dtype | None, shard_mb: float, group: Group, progress: bool) -> str | None:
+              dtype: torch.dtype | None, shard_mb: float | int, group: Group, progress: bool) -> str | None:
     """Extract this rank's items into its shards; returns an error message rather than raising under torchrun."""
     try:
         start, stop = (0, None) if reader.length is None else batch_block(reader.length, batch_size, group.rank,
@@ -123,7 +123,7 @@ def _run_rank(model: Any, reader: DatasetReader, hooks: list[str], positions: An
 
 
 def _extract_items(model: Any, reader: DatasetReader, hooks: list[str], positions: Any, shards: RankShards,
-                   stop: int | None, batch_size: int, dtype: torch.dtype | None, shard_mb: float, bar: Any) -> None:
+                   stop: int | None, batch_size: int, dtype: torch.dtype | None, shard_mb: float | int, bar: Any) -> None:
     placeholder = model.processor.image_token
     stop_at = stop_layer(model, hooks)
     limit = shard_mb * 2**20

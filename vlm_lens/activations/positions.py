@@ -26,7 +26,8 @@ PositionsFn = Callable[[VLMInputs, Any], Any]
 
 
 def describe(positions: str | PositionsFn) -> str:
-    """The positions argument as it enters the fingerprint: the name, or the function's qualified name."""
+    """The positions argument as it enters the fingerprint: the name, or the function's qualified name
+    (without its module, which differs when the same script runs as ``__main__``)."""
     if isinstance(positions, str):
         if positions not in NAMED:
             raise ValueError(f"positions={positions!r} is not one of {NAMED}; or pass a function (inputs, item) -> positions.")
@@ -34,9 +35,7 @@ def describe(positions: str | PositionsFn) -> str:
     if not callable(positions):
         raise ValueError(f"positions must be one of {NAMED} or a function (inputs, item) -> positions, "
                          f"got {type(positions).__name__}.")
-    module = getattr(positions, "__module__", None) or type(positions).__module__
-    name = getattr(positions, "__qualname__", None) or type(positions).__qualname__
-    return f"{module}.{name}"
+    return getattr(positions, "__qualname__", None) or type(positions).__qualname__
 
 
 @dataclass(frozen=True)
