@@ -7,7 +7,7 @@ folder's layout, resuming and torchrun.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,45 +81,52 @@ def extract(model: Any, dataset: Any, *, hooks: Sequence[str],
         arguments = {"config_hash": config_hash(model), "weights_hash": weights_hash(model), "hooks": hooks,
                      "positions": spec, "batch_size": batch_size, "dtype": str(dtype) if dtype else "as produced",
                      "shard_mb": shard_mb, "dataset": reader.identity(), "world_size": group.world_size}
-        error = check_arguments(out, arguments) if group.rank == 0 else None
-        _raise_any(group, error)
+        _on_all_ranks(group, lambda: _check_folder(out, arguments) if group.rank == 0 else None)
         if not (out / MANIFEST).exists():
-            _raise_any(group, _run_rank(model, reader, hooks, positions, out, batch_size, dtype, shard_mb, group,
-                                        progress))
-            if group.rank == 0:
-                header = {"model": {"id": model_id(model), "config_hash": arguments["config_hash"],
-                                    "weights_hash": arguments["weights_hash"]}, "arguments": ARGUMENTS}
-                finish(out, group.world_size, hooks, header, keep_shards)
-            group.barrier()
+            _on_all_ranks(group, lambda: _run_rank(model, reader, hooks, positions, out, batch_size, dtype, shard_mb,
+                                                   group, progress))
+            header = {"model": {"id": model_id(model), "config_hash": arguments["config_hash"],
+                                "weights_hash": arguments["weights_hash"]}, "arguments": ARGUMENTS}
+            _on_all_ranks(group, lambda: finish(out, group.world_size, hooks, header, keep_shards)
+                          if group.rank == 0 else None)
     finally:
         group.close()
     return load(out)
 
 
-def _raise_any(group: Group, error: str | None) -> None:
-    """Raise on every rank if any rank failed (so no rank waits at a barrier for a rank that is gone)."""
+def _check_folder(out: Path, arguments: dict[str, Any]) -> None:
+    error = check_arguments(out, arguments)
+    if error:
+        raise ValueError(error)
+
+
+def _on_all_ranks(group: Group, step: Callable[[], None]) -> None:
+    """Run ``step`` on this rank, then wait for every rank; if any rank failed, raise on every rank (so no
+    rank waits forever for one that has gone)."""
+    if not group.active:
+        step()
+        return
+    try:
+        step()
+        error = None
+    except Exception as err:  # reported to every rank, then raised here too
+        error = f"rank {group.rank}: {type(err).__name__}: {err}"
     errors = [e for e in group.gather(error) if e]
     if errors:
-        raise ValueError(errors[0] if group.world_size == 1 else f"extraction failed on a rank: {errors[0]}")
+        raise ValueError(f"extraction failed on {len(errors)} rank(s); {errors[0]}")
 
 
 def _run_rank(model: Any, reader: DatasetReader, hooks: list[str], positions: Any, out: Path, batch_size: int,
-              dtype: torch.dtype | None, shard_mb: float | int, group: Group, progress: bool) -> str | None:
-    """Extract this rank's items into its shards; returns an error message rather than raising under torchrun."""
-    try:
-        start, stop = (0, None) if reader.length is None else batch_block(reader.length, batch_size, group.rank,
-                                                                           group.world_size)
-        shards = RankShards(out, group.rank, start)
-        total = None if stop is None else stop - start
-        bar = tqdm(total=total, initial=shards.next_item - start, unit="item", desc="extract", dynamic_ncols=True,
-                   disable=not progress or group.rank != 0)
-        with bar, torch.no_grad():
-            _extract_items(model, reader, hooks, positions, shards, stop, batch_size, dtype, shard_mb, bar)
-    except ValueError as err:
-        if not group.active:
-            raise
-        return str(err)
-    return None
+              dtype: torch.dtype | None, shard_mb: float | int, group: Group, progress: bool) -> None:
+    """Extract this rank's block of items into its shards, after the last complete one."""
+    start, stop = (0, None) if reader.length is None else batch_block(reader.length, batch_size, group.rank,
+                                                                       group.world_size)
+    shards = RankShards(out, group.rank, start)
+    total = None if stop is None else stop - start
+    bar = tqdm(total=total, initial=shards.next_item - start, unit="item", desc="extract", dynamic_ncols=True,
+               disable=not progress or group.rank != 0)
+    with bar, torch.no_grad():
+        _extract_items(model, reader, hooks, positions, shards, stop, batch_size, dtype, shard_mb, bar)
 
 
 def _extract_items(model: Any, reader: DatasetReader, hooks: list[str], positions: Any, shards: RankShards,
