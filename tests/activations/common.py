@@ -35,9 +35,13 @@ class KillingDataset:
 
 
 def extract_args(out, size: int = 12, kill_at: int | None = None) -> dict:
-    """The one set of arguments the resume and torchrun tests use (a resumed call must repeat them)."""
+    """The one set of arguments the resume and torchrun tests use (a resumed call must repeat them).
+
+    A run that kills itself reads no batch ahead (``prefetch=0``), so where it dies is known exactly;
+    prefetch is not part of the arguments a resumed call must repeat.
+    """
     return dict(dataset=KillingDataset(size, kill_at), hooks=HOOKS, positions="image", out=str(out),
-                batch_size=BATCH_SIZE, shard_mb=SHARD_MB, progress=False)
+                batch_size=BATCH_SIZE, shard_mb=SHARD_MB, progress=False, prefetch=0 if kill_at is not None else 2)
 
 
 def no_hooks_left(model) -> bool:

@@ -1,19 +1,21 @@
 """``extract``: run a dataset through the model and keep chosen rows of chosen hooks on disk.
 
-Memory holds the model, one batch and the rows kept since the last shard (``shard_mb``), whatever the
-dataset's size or the sequence length; nothing else is cached. See ``vlm_lens.activations`` for the
-folder's layout, resuming and torchrun.
+Memory holds the model, the batches in flight and the rows kept since the last shard (``shard_mb``),
+whatever the dataset's size or the sequence length; nothing else is cached. See
+``vlm_lens.activations`` for the folder's layout, resuming and torchrun.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from vlm_lens.activations.batches import prepared_batches
 from vlm_lens.activations.capture import (
     capture_hooks,
     check_fired,
@@ -22,7 +24,7 @@ from vlm_lens.activations.capture import (
     is_sequence_hook,
     stop_layer,
 )
-from vlm_lens.activations.dataset import DatasetReader, check_placeholders
+from vlm_lens.activations.dataset import DatasetReader, Item, check_placeholders
 from vlm_lens.activations.distributed import Group, batch_block, join_group
 from vlm_lens.activations.manifest import (
     ARGUMENTS,
@@ -36,22 +38,36 @@ from vlm_lens.activations.manifest import (
 from vlm_lens.activations.positions import PositionsFn, describe, select
 from vlm_lens.activations.shards import RankShards, ShardBuffer
 from vlm_lens.activations.store import ActivationStore, load
+from vlm_lens.inputs import VLMInputs
 
 
-def extract(model: Any, dataset: Any, *, hooks: Sequence[str],
-            positions: str | PositionsFn = "image", out: str | Path, batch_size: int = 16,
-            dtype: torch.dtype | None = None, shard_mb: float | int = 256, keep_shards: bool = False,
-            progress: bool = True) -> ActivationStore:
+@dataclass(frozen=True)
+class _Plan:
+    """What every batch of one call needs."""
+
+    hooks: list[str]
+    positions: str | PositionsFn
+    batch_size: int
+    dtype: torch.dtype | None
+    shard_bytes: float
+    prefetch: int
+    stop_at: int | None  # the forward stops after the deepest block a hook sits in
+
+
+def extract(model: Any, dataset: Any, *, hooks: Sequence[str], positions: str | PositionsFn = "image",
+            out: str | Path, batch_size: int = 16, dtype: torch.dtype | None = None, shard_mb: float | int = 64,
+            prefetch: int = 2, keep_shards: bool = False, progress: bool = True) -> ActivationStore:
     """Keep the rows ``positions`` selects of every hook in ``hooks``, for every item of ``dataset``, in ``out``.
 
     ``dataset``: a sequence or iterable of items with ``prompt`` and ``image`` (or ``images``), as
     attributes or keys (an ``organism.ShapesDataset`` is one); an optional ``id``. ``positions``:
     ``"image"``, ``"text"``, ``"last"``, ``"all"`` or ``fn(inputs, item) -> positions`` (see
     ``vlm_lens.activations.positions``). ``dtype``: stored dtype (None: the hook's own). A shard is
-    written each time the kept rows reach ``shard_mb`` MiB. Killed at any point, a second call with
-    the same arguments resumes after the last complete shard and ends with the same bytes; other
-    arguments into the same folder are an error naming what differs. Under ``torchrun`` each rank
-    extracts its block of batches and rank 0 joins them.
+    written each time the kept rows reach ``shard_mb`` MiB. ``prefetch`` batches are read and prepared
+    ahead in a background thread (0: none). Killed at any point, a second call with the same
+    arguments resumes after the last complete shard and ends with the same bytes; other arguments
+    into the same folder are an error naming what differs. Under ``torchrun`` each rank extracts its
+    block of batches and rank 0 joins them. ``keep_shards``: keep the shard files after the join.
 
     Returns the store (``load(out)``) on every rank.
 
@@ -72,6 +88,7 @@ def extract(model: Any, dataset: Any, *, hooks: Sequence[str],
     if image_hooks and spec in ("text", "last", "all"):
         raise ValueError(f"hooks {image_hooks} have rows for image tokens only, so positions={spec!r} cannot be read "
                          "there. Use positions='image', or extract them in a separate call.")
+    plan = _Plan(hooks, positions, batch_size, dtype, float(shard_mb) * 2**20, prefetch, stop_layer(model, hooks))
     out = Path(out)
     reader = DatasetReader(dataset)
     group = join_group(model.cfg.device)
@@ -83,8 +100,7 @@ def extract(model: Any, dataset: Any, *, hooks: Sequence[str],
                      "shard_mb": shard_mb, "dataset": reader.identity(), "world_size": group.world_size}
         _on_all_ranks(group, lambda: _check_folder(out, arguments) if group.rank == 0 else None)
         if not (out / MANIFEST).exists():
-            _on_all_ranks(group, lambda: _run_rank(model, reader, hooks, positions, out, batch_size, dtype, shard_mb,
-                                                   group, progress))
+            _on_all_ranks(group, lambda: _run_rank(model, reader, plan, out, group, progress))
             header = {"model": {"id": model_id(model), "config_hash": arguments["config_hash"],
                                 "weights_hash": arguments["weights_hash"]}, "arguments": ARGUMENTS}
             _on_all_ranks(group, lambda: finish(out, group.world_size, hooks, header, keep_shards)
@@ -116,53 +132,41 @@ def _on_all_ranks(group: Group, step: Callable[[], None]) -> None:
         raise ValueError(f"extraction failed on {len(errors)} rank(s); {errors[0]}")
 
 
-def _run_rank(model: Any, reader: DatasetReader, hooks: list[str], positions: Any, out: Path, batch_size: int,
-              dtype: torch.dtype | None, shard_mb: float | int, group: Group, progress: bool) -> None:
+def _run_rank(model: Any, reader: DatasetReader, plan: _Plan, out: Path, group: Group, progress: bool) -> None:
     """Extract this rank's block of items into its shards, after the last complete one."""
-    start, stop = (0, None) if reader.length is None else batch_block(reader.length, batch_size, group.rank,
+    start, stop = (0, None) if reader.length is None else batch_block(reader.length, plan.batch_size, group.rank,
                                                                        group.world_size)
     shards = RankShards(out, group.rank, start)
-    total = None if stop is None else stop - start
-    bar = tqdm(total=total, initial=shards.next_item - start, unit="item", desc="extract", dynamic_ncols=True,
-               disable=not progress or group.rank != 0)
-    with bar, torch.no_grad():
-        _extract_items(model, reader, hooks, positions, shards, stop, batch_size, dtype, shard_mb, bar)
-
-
-def _extract_items(model: Any, reader: DatasetReader, hooks: list[str], positions: Any, shards: RankShards,
-                   stop: int | None, batch_size: int, dtype: torch.dtype | None, shard_mb: float | int, bar: Any) -> None:
+    bar = tqdm(total=None if stop is None else stop - start, initial=shards.next_item - start, unit="item",
+               desc="extract", dynamic_ncols=True, disable=not progress or group.rank != 0)
     placeholder = model.processor.image_token
-    stop_at = stop_layer(model, hooks)
-    limit = shard_mb * 2**20
-    buffer = ShardBuffer(hooks)
-    batch: list[Any] = []
-    items = reader.items(shards.next_item, stop)
-    for item in items:
-        batch.append(item)
-        if len(batch) == batch_size:
-            _run_batch(model, batch, hooks, positions, buffer, dtype, placeholder, stop_at)
+
+    def prepare(batch: list[Item]) -> VLMInputs:
+        check_placeholders(batch, placeholder)
+        # right padding: every item's tokens start at position 0, so positions are the item's own
+        return model.prepare([it.prompt for it in batch], images=[it.images for it in batch], padding_side="right")
+
+    buffer = ShardBuffer(plan.hooks)
+    with bar, torch.no_grad():
+        for batch, inputs in prepared_batches(reader.items(shards.next_item, stop), plan.batch_size, prepare,
+                                              plan.prefetch):
+            _run_batch(model, plan, batch, inputs, buffer)
             bar.update(len(batch))
-            batch = []
-            if buffer.nbytes >= limit:
+            if buffer.nbytes >= plan.shard_bytes:
                 shards.write(buffer)
-                buffer = ShardBuffer(hooks)
-    if batch:
-        _run_batch(model, batch, hooks, positions, buffer, dtype, placeholder, stop_at)
-        bar.update(len(batch))
-    shards.write(buffer)
+                buffer = ShardBuffer(plan.hooks)
+        shards.write(buffer)
 
 
-def _run_batch(model: Any, batch: list[Any], hooks: list[str], positions: Any, buffer: ShardBuffer,
-               dtype: torch.dtype | None, placeholder: str, stop_at: int | None) -> None:
-    check_placeholders(batch, placeholder)
-    # right padding: every item's tokens start at position 0, so positions are the item's own
-    inputs = model.prepare([it.prompt for it in batch], images=[it.images for it in batch], padding_side="right")
-    selection = select(positions, inputs, [it.raw for it in batch], [it.index for it in batch])
+def _run_batch(model: Any, plan: _Plan, batch: list[Item], inputs: VLMInputs, buffer: ShardBuffer) -> None:
+    """One forward pass whose hooks add the batch's kept rows to ``buffer``."""
+    selection = select(plan.positions, inputs, [it.raw for it in batch], [it.index for it in batch])
     image_mask = inputs.image_mask.cpu()
-    check_image_rows(hooks, selection, image_mask)
-    before = {h: len(buffer.parts[h]) for h in hooks}
-    fwd_hooks = capture_hooks(hooks, selection, image_mask, dtype, buffer)
+    check_image_rows(plan.hooks, selection, image_mask)
+    before = {h: len(buffer.parts[h]) for h in plan.hooks}
+    fwd_hooks = capture_hooks(plan.hooks, selection, image_mask, plan.dtype, buffer)
     # return_type=None: no unembedding (a pass stopped early returns its residual anyway)
-    model.run_with_hooks(inputs.to(model.cfg.device), fwd_hooks=fwd_hooks, stop_at_layer=stop_at, return_type=None)
-    check_fired(hooks, buffer.parts, before, selection.n)
+    model.run_with_hooks(inputs.to(model.cfg.device), fwd_hooks=fwd_hooks, stop_at_layer=plan.stop_at,
+                         return_type=None)
+    check_fired(plan.hooks, buffer.parts, before, selection.n)
     buffer.add_items(selection, [it.id for it in batch])

@@ -93,7 +93,8 @@ def memmap(path: Path, name: str) -> torch.Tensor:
 def join_safetensors(path: Path, name: str, sources: Sequence[Path], dtype: torch.dtype, tail: Sequence[int],
                      metadata: dict[str, str]) -> int:
     """Write one tensor ``name`` [rows, *tail] to ``path``: the rows of tensor ``name`` of each source, in
-    order, copied file to file in bounded memory. Returns the number of rows."""
+    order, copied file to file in bounded memory (the folder is not fsynced: the caller does it once).
+    Returns the number of rows."""
     code, tail = dtype_code(dtype), list(tail)
     pieces, rows = [], 0
     for src in sources:
@@ -108,24 +109,28 @@ def join_safetensors(path: Path, name: str, sources: Sequence[Path], dtype: torc
         rows += info["shape"][0]
     size = sum(n for _, _, n in pieces)
     header = {"__metadata__": metadata, name: {"dtype": code, "shape": [rows, *tail], "data_offsets": [0, size]}}
-    with atomic_file(path) as out:
+    with atomic_file(path, sync_dir=False) as out:
         out.write(_header_bytes(header))
+        buffer = memoryview(bytearray(min(COPY_CHUNK, max((n for _, _, n in pieces), default=0))))
         for src, offset, n in pieces:
             with open(src, "rb") as f:
                 f.seek(offset)
                 while n:
-                    chunk = f.read(min(n, COPY_CHUNK))
-                    out.write(chunk)
-                    n -= len(chunk)
+                    got = f.readinto(buffer[:min(n, len(buffer))])
+                    if not got:
+                        raise ValueError(f"{src} ends early: {n} bytes of {name!r} are missing.")
+                    out.write(buffer[:got])
+                    n -= got
     return rows
 
 
 class atomic_file:
     """``with atomic_file(path) as f``: write ``path + '.tmp'``, fsync it, rename it over ``path`` and
-    fsync the folder; on an error the temporary file is removed and ``path`` is untouched."""
+    fsync the folder (unless ``sync_dir=False``: the caller fsyncs it once after several files); on an
+    error the temporary file is removed and ``path`` is untouched."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, sync_dir: bool = True):
+        self.path, self.sync_dir = Path(path), sync_dir
         self.tmp = self.path.with_name(self.path.name + ".tmp")
 
     def __enter__(self) -> Any:
@@ -141,7 +146,8 @@ class atomic_file:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
-        fsync_dir(self.path.parent)
+        if self.sync_dir:
+            fsync_dir(self.path.parent)
 
 
 def write_json(path: Path, data: Any) -> None:

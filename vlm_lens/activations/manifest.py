@@ -25,6 +25,7 @@ import torch
 
 from vlm_lens.activations.files import (
     atomic_file,
+    fsync_dir,
     join_safetensors,
     read_header,
     read_json,
@@ -115,6 +116,8 @@ def finish(folder: Path, world_size: int, hooks: Sequence[str], header: dict[str
     n_rows = join_safetensors(folder / "rows.safetensors", "rows", sources, torch.int64, [len(ROW_FIELDS)],
                               {**meta, "columns": ",".join(ROW_FIELDS)})
     _write_items(folder / "items.jsonl", sources)
+    fsync_dir(folder / "hooks")
+    fsync_dir(folder)  # every joined file is durable before the manifest says the folder is complete
     write_json(folder / MANIFEST, {
         **header, "format": FORMAT, "hooks": shapes, "n_items": position, "n_rows": n_rows,
         "row_fields": list(ROW_FIELDS), "rows": "rows.safetensors", "items": "items.jsonl",
@@ -126,7 +129,7 @@ def finish(folder: Path, world_size: int, hooks: Sequence[str], header: dict[str
 
 def _write_items(path: Path, sources: Sequence[Path]) -> None:
     row = 0
-    with atomic_file(path) as f:
+    with atomic_file(path, sync_dir=False) as f:
         for src in sources:
             for index, item_id, n in json.loads(read_header(src)[0]["__metadata__"]["items"]):
                 f.write((json.dumps({"index": index, "id": item_id, "rows": [row, row + n]}) + "\n").encode())

@@ -53,20 +53,21 @@ class Selection:
         return len(self.batch)
 
 
-def _cells(layout: ImageLayout, batch: int, length: int) -> torch.Tensor:
-    """[length, 4] (image within the item, grid kind, row, col) per position; -1 where none applies."""
-    cells = torch.full((length, 4), -1, dtype=torch.long)
-    for local, image in enumerate(layout.images_in_row(batch)):
-        span = layout.spans[image]
-        cells[span.start:span.end, 0] = local
+def _cells(layout: ImageLayout, shape: tuple[int, int]) -> torch.Tensor:
+    """[batch, pos, 4]: (image within its item, grid kind, row, col) per position; -1 where none applies."""
+    cells = torch.full((*shape, 4), -1, dtype=torch.long)
+    local = [0] * shape[0]  # images seen so far in each batch row
+    for span in layout.spans:
+        cells[span.batch, span.start:span.end, 0] = local[span.batch]
+        local[span.batch] += 1
         for kind, grid in ((BASE_GRID, span.grid), (CROP_GRID, span.crop_grid)):
             if grid is None:
                 continue
             rows, cols = grid.shape
             flat = grid.reshape(-1)
-            cells[flat, 1] = kind
-            cells[flat, 2] = torch.arange(rows).repeat_interleave(cols)
-            cells[flat, 3] = torch.arange(cols).repeat(rows)
+            cells[span.batch, flat, 1] = kind
+            cells[span.batch, flat, 2] = torch.arange(rows).repeat_interleave(cols)
+            cells[span.batch, flat, 3] = torch.arange(cols).repeat(rows)
     return cells
 
 
@@ -78,14 +79,17 @@ def row_view(inputs: VLMInputs, batch: int) -> VLMInputs:
                      image_mask=inputs.image_mask[batch:batch + 1, :length], layout=ImageLayout(spans))
 
 
-def _named(positions: str, image_mask: torch.Tensor, length: int) -> torch.Tensor:
+def _named(positions: str, image_mask: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """[batch, pos] mask of the kept positions."""
     if positions == "image":
-        return image_mask[:length].nonzero().flatten()
+        return image_mask & real
     if positions == "text":
-        return (~image_mask[:length]).nonzero().flatten()
+        return ~image_mask & real
     if positions == "last":
-        return torch.tensor([length - 1])
-    return torch.arange(length)
+        last = torch.zeros_like(real)
+        last[torch.arange(len(real)), real.sum(1) - 1] = True
+        return last
+    return real
 
 
 def _from_fn(fn: PositionsFn, inputs: VLMInputs, batch: int, item: Any, index: int, length: int) -> torch.Tensor:
@@ -109,18 +113,17 @@ def _from_fn(fn: PositionsFn, inputs: VLMInputs, batch: int, item: Any, index: i
 
 def select(positions: str | PositionsFn, inputs: VLMInputs, items: Sequence[Any], indices: Sequence[int]) -> Selection:
     """The kept rows of a right-padded batch: ``items[b]`` (dataset index ``indices[b]``) is batch row b."""
-    tokens_mask = inputs.image_mask.cpu()
-    lengths = inputs.attention_mask.sum(1).tolist()
-    batch, seq, info, counts = [], [], [], []
-    for b, (item, index) in enumerate(zip(items, indices)):
-        length = int(lengths[b])
-        if isinstance(positions, str):
-            pos = _named(positions, tokens_mask[b], length)
-        else:
-            pos = _from_fn(positions, inputs, b, item, index, length)
-        cells = _cells(inputs.layout, b, length)[pos]
-        batch.append(torch.full_like(pos, b))
-        seq.append(pos)
-        info.append(torch.cat([torch.full_like(pos, index)[:, None], pos[:, None], cells], dim=1))
-        counts.append(len(pos))
-    return Selection(torch.cat(batch), torch.cat(seq), torch.cat(info), [int(i) for i in indices], counts)
+    image_mask, real = inputs.image_mask.cpu(), inputs.attention_mask.cpu().bool()
+    if isinstance(positions, str):  # one mask for the batch: rows come out item by item, positions ascending
+        batch, seq = _named(positions, image_mask, real).nonzero(as_tuple=True)
+    else:
+        lengths = real.sum(1).tolist()
+        picked = [_from_fn(positions, inputs, b, item, index, int(lengths[b]))
+                  for b, (item, index) in enumerate(zip(items, indices))]
+        batch = torch.cat([torch.full_like(pos, b) for b, pos in enumerate(picked)])
+        seq = torch.cat(picked)
+    cells = _cells(inputs.layout, tuple(image_mask.shape))[batch, seq]
+    item = torch.as_tensor(list(indices), dtype=torch.long)[batch]
+    info = torch.cat([item[:, None], seq[:, None], cells], dim=1)
+    counts = torch.bincount(batch, minlength=len(indices)).tolist()
+    return Selection(batch, seq, info, [int(i) for i in indices], counts)
