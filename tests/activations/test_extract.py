@@ -126,3 +126,16 @@ def test_other_arguments_into_a_folder_name_what_differs(model, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not an extraction folder"):
         activations.extract(model, organism_items(4), batch_size=2, **{**kwargs, "out": tmp_path / "other"})
+
+
+def test_a_positions_function_may_run_the_model_without_being_captured(model, tmp_path):
+    def last_after_a_forward(inputs, item):
+        model("USER: what colour ?")  # the capture hooks are attached, but only capture extract's own passes
+        return [inputs.tokens.shape[1] - 1]
+
+    kwargs = dict(hooks=LM_HOOKS, batch_size=BATCH, progress=False)
+    own = activations.extract(model, organism_items(N), positions=last_after_a_forward, out=tmp_path / "f", **kwargs)
+    last = activations.extract(model, organism_items(N), positions="last", out=tmp_path / "l", **kwargs)
+    for hook in LM_HOOKS:
+        assert torch.equal(own.tensor(hook), last.tensor(hook))
+    assert torch.equal(own.rows.table, last.rows.table) and no_hooks_left(model)

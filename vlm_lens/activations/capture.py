@@ -16,7 +16,8 @@ Attention patterns and scores ([batch, head, query, key]) have no fixed row widt
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -67,29 +68,54 @@ def stop_layer(model: Any, hooks: Sequence[str]) -> int | None:
     return None if stop >= model.cfg.n_layers else stop
 
 
-def capture_hooks(hooks: Sequence[str], selection: Selection, image_mask: torch.Tensor, dtype: torch.dtype | None,
-                  buffer: Any) -> list[tuple[str, Callable]]:
-    """Hooks handing each hook point's kept rows ([n, *rest], on CPU, in ``dtype``) to ``buffer.add(name, rows)``.
+class RowCapture:
+    """Hooks, attached once for a whole extraction, that hand each hook point's kept rows of the batch
+    being run ([n, *rest], on the CPU, in ``dtype``) to that batch's ``buffer.add(name, rows)``.
 
-    ``selection`` and ``image_mask`` are on the CPU; indices move to the activations' device once.
+    Outside ``batch(...)`` the hooks do nothing, so a forward pass of the user's own (e.g. inside a
+    positions function) is not captured.
     """
-    n_image_tokens = int(image_mask.sum())
-    image_index = (image_mask.reshape(-1).long().cumsum(0) - 1).view(image_mask.shape)  # among the batch's image tokens
-    index = {"sequence": (selection.batch, selection.seq), "image": (image_index[selection.batch, selection.seq],)}
-    moved: dict[tuple[str, torch.device], tuple[torch.Tensor, ...]] = {}
 
-    def on(kind: str, device: torch.device) -> tuple[torch.Tensor, ...]:
-        if (kind, device) not in moved:
-            moved[kind, device] = tuple(t.to(device) for t in index[kind])
+    def __init__(self, hooks: Sequence[str], dtype: torch.dtype | None):
+        self.names, self.dtype = list(hooks), dtype
+        self._state: dict[str, Any] | None = None
+
+    def fwd_hooks(self) -> list[tuple[str, Callable]]:
+        return [(name, self._sequence_hook if is_sequence_hook(name) else self._image_hook) for name in self.names]
+
+    @contextmanager
+    def batch(self, selection: Selection, image_mask: torch.Tensor, buffer: Any) -> Iterator[None]:
+        """Capture the kept rows of ``selection`` (``image_mask``: the batch's, on the CPU) while inside;
+        afterwards, check every hook fired once (an image-token hook may stay silent where no row is kept)."""
+        check_image_rows(self.names, selection, image_mask)
+        image_index = (image_mask.reshape(-1).long().cumsum(0) - 1).view(image_mask.shape)  # among image tokens
+        self._state = {"buffer": buffer, "n_image_tokens": int(image_mask.sum()), "moved": {},
+                       "index": {"sequence": (selection.batch, selection.seq),
+                                 "image": (image_index[selection.batch, selection.seq],)}}
+        before = {h: len(buffer.parts[h]) for h in self.names}
+        try:
+            yield
+        finally:
+            self._state = None
+        check_fired(self.names, buffer.parts, before, selection.n)
+
+    def _index(self, kind: str, device: torch.device) -> tuple[torch.Tensor, ...]:
+        moved = self._state["moved"]
+        if (kind, device) not in moved:  # indices move to the activations' device once per batch
+            moved[kind, device] = tuple(t.to(device) for t in self._state["index"][kind])
         return moved[kind, device]
 
-    def keep(name: str, rows: torch.Tensor) -> None:
-        buffer.add(name, rows.detach().to("cpu", dtype or rows.dtype))
+    def _keep(self, name: str, rows: torch.Tensor) -> None:
+        self._state["buffer"].add(name, rows.detach().to("cpu", self.dtype or rows.dtype))
 
-    def sequence_hook(act: torch.Tensor, hook: Any) -> None:
-        keep(hook.name, act[on("sequence", act.device)])
+    def _sequence_hook(self, act: torch.Tensor, hook: Any) -> None:
+        if self._state is not None:
+            self._keep(hook.name, act[self._index("sequence", act.device)])
 
-    def image_hook(act: torch.Tensor, hook: Any) -> None:
+    def _image_hook(self, act: torch.Tensor, hook: Any) -> None:
+        if self._state is None:
+            return
+        n_image_tokens = self._state["n_image_tokens"]
         if act.shape[0] == n_image_tokens:
             flat = act
         elif act.ndim >= 3 and act.shape[0] * act.shape[1] == n_image_tokens:
@@ -100,19 +126,7 @@ def capture_hooks(hooks: Sequence[str], selection: Selection, image_mask: torch.
                 f"(this batch has {n_image_tokens}), so its rows have no sequence position. Extract "
                 "hook_image_embeds (or hook_image_features where it has one row per image token) instead."
             )
-        keep(hook.name, flat[on("image", act.device)])
-
-    return [(name, sequence_hook if is_sequence_hook(name) else image_hook) for name in hooks]
-
-
-def check_image_rows(hooks: Sequence[str], selection: Selection, image_mask: torch.Tensor) -> None:
-    """Image-token hooks have rows at image tokens only: refuse kept rows elsewhere before anything runs."""
-    image_hooks = [h for h in hooks if not is_sequence_hook(h)]
-    if image_hooks and selection.n and not bool(image_mask[selection.batch, selection.seq].all()):
-        raise ValueError(
-            f"hooks {image_hooks} have rows for image tokens only, but the positions kept include text tokens. "
-            "Use positions='image' (or a function returning image positions), or extract language-model hooks only."
-        )
+        self._keep(hook.name, flat[self._index("image", act.device)])
 
 
 def check_fired(hooks: Sequence[str], store: dict[str, list[torch.Tensor]], before: dict[str, int], n_rows: int) -> None:
@@ -124,3 +138,13 @@ def check_fired(hooks: Sequence[str], store: dict[str, list[torch.Tensor]], befo
         why = ("did not fire: optional TransformerLens hooks need switching on, e.g. model.set_use_attn_result(True)"
                if fired == 0 else f"fired {fired} times in one forward pass")
         raise ValueError(f"hook {name!r} {why}.")
+
+
+def check_image_rows(hooks: Sequence[str], selection: Selection, image_mask: torch.Tensor) -> None:
+    """Image-token hooks have rows at image tokens only: refuse kept rows elsewhere before anything runs."""
+    image_hooks = [h for h in hooks if not is_sequence_hook(h)]
+    if image_hooks and selection.n and not bool(image_mask[selection.batch, selection.seq].all()):
+        raise ValueError(
+            f"hooks {image_hooks} have rows for image tokens only, but the positions kept include text tokens. "
+            "Use positions='image' (or a function returning image positions), or extract language-model hooks only."
+        )

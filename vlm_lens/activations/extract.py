@@ -16,14 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm_lens.activations.batches import prepared_batches
-from vlm_lens.activations.capture import (
-    capture_hooks,
-    check_fired,
-    check_hooks,
-    check_image_rows,
-    is_sequence_hook,
-    stop_layer,
-)
+from vlm_lens.activations.capture import RowCapture, check_hooks, is_sequence_hook, stop_layer
 from vlm_lens.activations.dataset import DatasetReader, Item, check_placeholders
 from vlm_lens.activations.distributed import Group, batch_block, join_group
 from vlm_lens.activations.manifest import (
@@ -146,27 +139,19 @@ def _run_rank(model: Any, reader: DatasetReader, plan: _Plan, out: Path, group: 
         # right padding: every item's tokens start at position 0, so positions are the item's own
         return model.prepare([it.prompt for it in batch], images=[it.images for it in batch], padding_side="right")
 
+    capture = RowCapture(plan.hooks, plan.dtype)
     buffer = ShardBuffer(plan.hooks)
-    with bar, torch.no_grad():
+    # the capture hooks are attached once for the call and removed on the way out, error or not
+    with bar, torch.no_grad(), model.hooks(fwd_hooks=capture.fwd_hooks()):
         for batch, inputs in prepared_batches(reader.items(shards.next_item, stop), plan.batch_size, prepare,
                                               plan.prefetch):
-            _run_batch(model, plan, batch, inputs, buffer)
+            selection = select(plan.positions, inputs, [it.raw for it in batch], [it.index for it in batch])
+            with capture.batch(selection, inputs.image_mask.cpu(), buffer):
+                # return_type=None: no unembedding (a pass stopped early returns its residual anyway)
+                model(inputs.to(model.cfg.device), stop_at_layer=plan.stop_at, return_type=None)
+            buffer.add_items(selection, [it.id for it in batch])
             bar.update(len(batch))
             if buffer.nbytes >= plan.shard_bytes:
                 shards.write(buffer)
                 buffer = ShardBuffer(plan.hooks)
         shards.write(buffer)
-
-
-def _run_batch(model: Any, plan: _Plan, batch: list[Item], inputs: VLMInputs, buffer: ShardBuffer) -> None:
-    """One forward pass whose hooks add the batch's kept rows to ``buffer``."""
-    selection = select(plan.positions, inputs, [it.raw for it in batch], [it.index for it in batch])
-    image_mask = inputs.image_mask.cpu()
-    check_image_rows(plan.hooks, selection, image_mask)
-    before = {h: len(buffer.parts[h]) for h in plan.hooks}
-    fwd_hooks = capture_hooks(plan.hooks, selection, image_mask, plan.dtype, buffer)
-    # return_type=None: no unembedding (a pass stopped early returns its residual anyway)
-    model.run_with_hooks(inputs.to(model.cfg.device), fwd_hooks=fwd_hooks, stop_at_layer=plan.stop_at,
-                         return_type=None)
-    check_fired(plan.hooks, buffer.parts, before, selection.n)
-    buffer.add_items(selection, [it.id for it in batch])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -53,6 +54,13 @@ class Selection:
         return len(self.batch)
 
 
+@lru_cache(maxsize=64)
+def _grid_cells(kind: int, rows: int, cols: int) -> torch.Tensor:
+    """[rows * cols, 3]: (grid kind, row, col) of each cell, row-major."""
+    r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
+    return torch.stack([torch.full((rows * cols,), kind), r.reshape(-1), c.reshape(-1)], dim=1)
+
+
 def _cells(layout: ImageLayout, shape: tuple[int, int]) -> torch.Tensor:
     """[batch, pos, 4]: (image within its item, grid kind, row, col) per position; -1 where none applies."""
     cells = torch.full((*shape, 4), -1, dtype=torch.long)
@@ -61,13 +69,8 @@ def _cells(layout: ImageLayout, shape: tuple[int, int]) -> torch.Tensor:
         cells[span.batch, span.start:span.end, 0] = local[span.batch]
         local[span.batch] += 1
         for kind, grid in ((BASE_GRID, span.grid), (CROP_GRID, span.crop_grid)):
-            if grid is None:
-                continue
-            rows, cols = grid.shape
-            flat = grid.reshape(-1)
-            cells[span.batch, flat, 1] = kind
-            cells[span.batch, flat, 2] = torch.arange(rows).repeat_interleave(cols)
-            cells[span.batch, flat, 3] = torch.arange(cols).repeat(rows)
+            if grid is not None:
+                cells[span.batch, grid.reshape(-1), 1:] = _grid_cells(kind, *grid.shape)
     return cells
 
 
