@@ -61,6 +61,8 @@ def extract(model: Any, dataset: Any, *, hooks: Sequence[str], positions: str | 
     arguments resumes after the last complete shard and ends with the same bytes; other arguments
     into the same folder are an error naming what differs. Under ``torchrun`` each rank extracts its
     block of batches and rank 0 joins them. ``keep_shards``: keep the shard files after the join.
+    Hooks already attached to the model (e.g. an intervention added with ``model.add_hook``) run too;
+    they are not part of the arguments checked on resume.
 
     Returns the store (``load(out)``) on every rank.
 
