@@ -1,8 +1,5 @@
-"""One extraction in a process of its own (``python run_extract.py OUT [--size N] [--kill-at-item K]``).
-
-The resume test runs it with ``--kill-at-item K`` (the process SIGKILLs itself when the dataset is asked
-for item K); the torchrun test launches it under ``torch.distributed.run``.
-"""
+"""One extraction in a process of its own (``python run_extract.py OUT [--size N]``): the torchrun test
+launches it under ``torch.distributed.run``."""
 
 from __future__ import annotations
 
@@ -21,12 +18,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--size", type=int, default=12)
-    parser.add_argument("--kill-at-item", type=int)
     args = parser.parse_args()
     torch.set_num_threads(1)
     from vlm_lens import activations, organism
 
-    activations.extract(organism.load(), **extract_args(args.out, args.size, args.kill_at_item))
+    activations.extract(organism.load(), **extract_args(args.out, args.size))
 
 
 if __name__ == "__main__":

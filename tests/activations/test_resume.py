@@ -1,11 +1,13 @@
 """Killed at any point (SIGKILL), a second call with the same arguments ends with the same bytes as an
-uninterrupted run; what a killed run left half-done is never read as complete."""
+uninterrupted run; what a killed run left half-done is never read as complete.
+
+The killed runs are forked child processes of the test (the model is loaded once); the resumed call
+runs in the test process.
+"""
 
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,29 +17,42 @@ from vlm_lens.activations import files, manifest, shards
 
 from .common import extract_args, no_hooks_left
 
-SCRIPT = Path(__file__).with_name("run_extract.py")
-ROOT = Path(__file__).resolve().parents[2]
-OUTPUTS = ("manifest.json", "items.jsonl", "rows.safetensors")
-
 
 def assert_same_folder(done: Path, reference: Path) -> None:
-    names = [*OUTPUTS, *(f"hooks/{h}.safetensors" for h in json.loads((reference / "manifest.json").read_text())["hooks"])]
+    """Byte for byte: the arguments, every shard and progress file, the item list and the manifest
+    (not ``joined/``, which readers write on first use)."""
+    def written(folder):
+        return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and "joined" not in p.parts)
+
+    names = written(reference)
+    assert names == written(done)
+    assert any(n.suffix == ".safetensors" for n in names)
     for name in names:
         assert (done / name).read_bytes() == (reference / name).read_bytes(), name
-    assert not (done / "shards").exists()
 
 
 def listed(out: Path) -> list[str]:
     return [s["file"] for s in json.loads((out / "shards" / "rank00000" / "progress.json").read_text())["shards"]]
 
 
-def test_killed_subprocess_resumes_to_the_same_bytes(model, reference, tmp_path):
+def run_until_killed(model, out: Path, kill=None, kill_at_item=None) -> None:
+    """Run the extraction in a child process (forked: the model is already loaded) that dies by SIGKILL."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            if kill is not None:
+                kill(pytest.MonkeyPatch())
+            activations.extract(model, **extract_args(out, kill_at=kill_at_item))
+        finally:
+            os._exit(3)  # not reached when the kill fired
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+
+
+def test_killed_mid_shard_resumes_to_the_same_bytes(model, reference, tmp_path):
     out = tmp_path / "acts"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    # items 0-5 make shard 0; the process dies asking for item 9, with items 6-7 run but not yet written
-    run = subprocess.run([sys.executable, str(SCRIPT), str(out), "--kill-at-item", "9"], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    # items 0-5 make shard 0; the child dies asking for item 9, with items 6-7 run but not yet written
+    run_until_killed(model, out, kill_at_item=9)
     assert listed(out) == ["shard-00000.safetensors"] and not (out / "manifest.json").exists()
     with pytest.raises(ValueError, match="unfinished extraction"):
         activations.load(out)
@@ -68,26 +83,19 @@ def _renamed_not_listed(monkeypatch):
     _die_on_call(monkeypatch, shards, "write_json", 2)
 
 
-def _while_joining(monkeypatch):
-    """Die after every shard is complete, while the per-hook files are joined (before the manifest)."""
-    _die_on_call(monkeypatch, manifest, "join_safetensors", 2)
+def _before_the_manifest(monkeypatch):
+    """Die after every shard is complete and the item list is written, before the manifest."""
+    _die_on_call(monkeypatch, manifest, "write_json", 2)  # the first call wrote arguments.json
 
 
-@pytest.mark.parametrize("kill", [_half_written_shard, _renamed_not_listed, _while_joining])
-def test_killed_mid_write_resumes_to_the_same_bytes(model, reference, tmp_path, monkeypatch, kill):
+@pytest.mark.parametrize("kill", [_half_written_shard, _renamed_not_listed, _before_the_manifest])
+def test_killed_mid_write_resumes_to_the_same_bytes(model, reference, tmp_path, kill):
     out = tmp_path / "acts"
-    pid = os.fork()  # a child process with the model already loaded: it dies where `kill` says
-    if pid == 0:
-        try:
-            kill(monkeypatch)
-            activations.extract(model, **extract_args(out))
-        finally:
-            os._exit(3)  # not reached when the kill fired
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    run_until_killed(model, out, kill=kill)
     left = sorted(p.name for p in (out / "shards" / "rank00000").iterdir())
     if kill is _half_written_shard:
-        assert "shard-00001.safetensors.tmp" in left and listed(out) == ["shard-00000.safetensors"]
+        assert any(n.startswith("shard-00001.safetensors.") and n.endswith(".tmp") for n in left)
+        assert listed(out) == ["shard-00000.safetensors"]
     elif kill is _renamed_not_listed:
         assert "shard-00001.safetensors" in left and listed(out) == ["shard-00000.safetensors"]
     else:

@@ -24,14 +24,18 @@ def store(model, tmp_path_factory):
                                out=out, batch_size=8, shard_mb=0.05, progress=False)
 
 
-def test_tensor_is_a_memory_map_of_a_plain_safetensors_file(store):
-    x = store.tensor(HOOK)
-    path = store.folder / "hooks" / f"{HOOK}.safetensors"
+def test_tensor_is_a_memory_map_of_plain_safetensors_files(store):
+    assert len(store.manifest["shards"]) > 1
+    x = store.tensor(HOOK)  # several shards: joined once into one file, then mapped
+    joined = store.folder / "joined" / f"{HOOK}.safetensors"
     with open("/proc/self/maps") as f:
-        assert str(path) in f.read()
-    assert x.shape == (N * 9, 128) and len(store.manifest["shards"]) > 1
-    assert torch.equal(load_file(path)[HOOK], x)  # readable by safetensors itself
-    assert store.tensor(HOOK) is x
+        assert str(joined) in f.read()
+    assert x.shape == (N * 9, 128) and store.tensor(HOOK) is x
+    assert torch.equal(load_file(joined)[HOOK], x)  # readable by safetensors itself
+    shards = [load_file(store.folder / s["file"]) for s in store.manifest["shards"]]
+    assert torch.equal(torch.cat([s[HOOK] for s in shards]), x)
+    assert torch.equal(torch.cat(store.shard_tensors(HOOK)), x)
+    assert torch.equal(torch.cat([s["rows"] for s in shards]), store.rows.table)
 
 
 def test_rows_and_items_line_up(store):

@@ -49,7 +49,7 @@ class _Plan:
 
 def extract(model: Any, dataset: Any, *, hooks: Sequence[str], positions: str | PositionsFn = "image",
             out: str | Path, batch_size: int = 16, dtype: torch.dtype | None = None, shard_mb: float | int = 64,
-            prefetch: int = 2, keep_shards: bool = False, progress: bool = True) -> ActivationStore:
+            prefetch: int = 2, progress: bool = True) -> ActivationStore:
     """Keep the rows ``positions`` selects of every hook in ``hooks``, for every item of ``dataset``, in ``out``.
 
     ``dataset``: a sequence or iterable of items with ``prompt`` and ``image`` (or ``images``), as
@@ -60,7 +60,7 @@ def extract(model: Any, dataset: Any, *, hooks: Sequence[str], positions: str | 
     ahead in a background thread (0: none). Killed at any point, a second call with the same
     arguments resumes after the last complete shard and ends with the same bytes; other arguments
     into the same folder are an error naming what differs. Under ``torchrun`` each rank extracts its
-    block of batches and rank 0 joins them. ``keep_shards``: keep the shard files after the join.
+    block of batches and rank 0 lists them in the manifest.
     Hooks already attached to the model (e.g. an intervention added with ``model.add_hook``) run too;
     they are not part of the arguments checked on resume.
 
@@ -98,7 +98,7 @@ def extract(model: Any, dataset: Any, *, hooks: Sequence[str], positions: str | 
             _on_all_ranks(group, lambda: _run_rank(model, reader, plan, out, group, progress))
             header = {"model": {"id": model_id(model), "config_hash": arguments["config_hash"],
                                 "weights_hash": arguments["weights_hash"]}, "arguments": ARGUMENTS}
-            _on_all_ranks(group, lambda: finish(out, group.world_size, hooks, header, keep_shards)
+            _on_all_ranks(group, lambda: finish(out, group.world_size, hooks, header)
                           if group.rank == 0 else None)
     finally:
         group.close()

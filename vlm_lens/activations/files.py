@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -111,27 +112,45 @@ def join_safetensors(path: Path, name: str, sources: Sequence[Path], dtype: torc
     header = {"__metadata__": metadata, name: {"dtype": code, "shape": [rows, *tail], "data_offsets": [0, size]}}
     with atomic_file(path, sync_dir=False) as out:
         out.write(_header_bytes(header))
-        buffer = memoryview(bytearray(min(COPY_CHUNK, max((n for _, _, n in pieces), default=0))))
+        out.flush()
         for src, offset, n in pieces:
             with open(src, "rb") as f:
-                f.seek(offset)
-                while n:
-                    got = f.readinto(buffer[:min(n, len(buffer))])
-                    if not got:
-                        raise ValueError(f"{src} ends early: {n} bytes of {name!r} are missing.")
-                    out.write(buffer[:got])
-                    n -= got
+                _copy_range(f, out, offset, n)
     return rows
 
 
+def _copy_range(src: Any, dst: Any, offset: int, n: int) -> None:
+    """Append ``n`` bytes of ``src`` from ``offset`` to ``dst``: in the kernel (``copy_file_range``) where the
+    system has it, else through a bounded buffer."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            while n:
+                got = os.copy_file_range(src.fileno(), dst.fileno(), n, offset)
+                if not got:
+                    raise ValueError(f"{src.name} ends early: {n} bytes are missing.")
+                offset, n = offset + got, n - got
+            return
+        except OSError:  # e.g. across file systems on older kernels: fall back to reading
+            pass
+    src.seek(offset)
+    buffer = memoryview(bytearray(min(COPY_CHUNK, n)))
+    while n:
+        got = src.readinto(buffer[:min(n, len(buffer))])
+        if not got:
+            raise ValueError(f"{src.name} ends early: {n} bytes are missing.")
+        dst.write(buffer[:got])
+        offset, n = offset + got, n - got
+
+
 class atomic_file:
-    """``with atomic_file(path) as f``: write ``path + '.tmp'``, fsync it, rename it over ``path`` and
+    """``with atomic_file(path) as f``: write ``path + '.<unique>.tmp'``, fsync it, rename it over ``path`` and
     fsync the folder (unless ``sync_dir=False``: the caller fsyncs it once after several files); on an
     error the temporary file is removed and ``path`` is untouched."""
 
     def __init__(self, path: Path, sync_dir: bool = True):
         self.path, self.sync_dir = Path(path), sync_dir
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        # unique, so two readers joining the same file at once do not write into one temporary file
+        self.tmp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")
 
     def __enter__(self) -> Any:
         self.file = open(self.tmp, "wb")

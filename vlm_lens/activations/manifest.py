@@ -2,12 +2,16 @@
 
 Folder layout::
 
-    arguments.json             fingerprint of the call (model config and weights, hooks, positions, ...)
-    shards/rank00000/          the shards while extracting (removed at the end unless keep_shards=True)
-    hooks/<hook>.safetensors   one [n_rows, d] tensor per hook, all ranks joined, in dataset order
-    rows.safetensors           "rows" [n_rows, 6]: item, position, image, grid, grid_row, grid_col
-    items.jsonl                per item: index, id, and its rows [start, stop)
-    manifest.json              written last: model id and hashes, hooks with shapes, counts, shards
+    arguments.json               fingerprint of the call (model config and weights, hooks, positions, ...)
+    shards/rank00000/shard-00000.safetensors
+                                 per hook a [rows, d] tensor, and "rows" [rows, 6] (item, position, image,
+                                 grid, grid_row, grid_col); items' indices, ids and row counts in its metadata
+    shards/rank00000/progress.json   the rank's complete shards (a shard not listed is not complete)
+    items.jsonl                  per item: index, id, and its rows [start, stop) in dataset order
+    manifest.json                written last: model id and hashes, hooks with shapes, counts, the shards
+                                 in dataset order with their first row
+    joined/<hook>.safetensors    written on first read by ``store.tensor(hook)`` where there are several
+                                 shards: the hook's rows of all shards in one file, to memory-map
 """
 
 from __future__ import annotations
@@ -15,21 +19,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from vlm_lens.activations.files import (
     atomic_file,
-    fsync_dir,
-    join_safetensors,
     read_header,
     read_json,
-    torch_dtype,
     write_json,
 )
 from vlm_lens.activations.positions import ROW_FIELDS
@@ -88,43 +87,32 @@ def check_arguments(folder: Path, arguments: dict[str, Any]) -> str | None:
     return None
 
 
-def finish(folder: Path, world_size: int, hooks: Sequence[str], header: dict[str, Any], keep_shards: bool) -> None:
-    """Join every rank's shards into one file per hook (and the row table and item list), in dataset
-    order, then write the manifest (last: its presence marks the folder complete)."""
-    entries, sources = [], []
+def finish(folder: Path, world_size: int, hooks: Sequence[str], header: dict[str, Any]) -> None:
+    """List every rank's shards in dataset order, write the item list, then the manifest (last: its presence
+    marks the folder complete). No activation is copied: the shards are the output."""
+    entries = []
     for rank in range(world_size):
-        rank_dir = folder / "shards" / f"rank{rank:05d}"
-        progress = rank_dir / PROGRESS
-        for entry in read_json(progress)["shards"] if progress.exists() else []:
-            entries.append({**entry, "rank": rank})
-            sources.append(rank_dir / entry["file"])
-    position = 0
+        progress = folder / "shards" / f"rank{rank:05d}" / PROGRESS
+        entries += [{**e, "rank": rank} for e in (read_json(progress)["shards"] if progress.exists() else [])]
+    position = row = 0
+    shards = []
     for entry in entries:
         if entry["start"] != position:
             raise ValueError(f"shards do not cover the dataset contiguously: rank {entry['rank']} {entry['file']} "
                              f"starts at item {entry['start']}, expected {position}.")
-        position = entry["stop"]
-    (folder / "hooks").mkdir(exist_ok=True)
-    meta = {"format": FORMAT}
+        shards.append({"file": f"shards/rank{entry['rank']:05d}/{entry['file']}", "rank": entry["rank"],
+                       "start": entry["start"], "stop": entry["stop"], "rows": entry["rows"], "first_row": row})
+        position, row = entry["stop"], row + entry["rows"]
     shapes = {}
     for hook in hooks:
         tail = next((e["tails"][hook] for e in entries if hook in e["tails"]), [])
-        dtype = next((e["dtypes"][hook] for e in entries if hook in e["dtypes"]), "F32")
-        width = int(np.prod(tail, dtype=np.int64)) if tail else 0
-        join_safetensors(folder / "hooks" / f"{hook}.safetensors", hook, sources, torch_dtype(dtype), [width], meta)
-        shapes[hook] = {"shape": tail, "width": width, "dtype": dtype, "file": f"hooks/{hook}.safetensors"}
-    n_rows = join_safetensors(folder / "rows.safetensors", "rows", sources, torch.int64, [len(ROW_FIELDS)],
-                              {**meta, "columns": ",".join(ROW_FIELDS)})
-    _write_items(folder / "items.jsonl", sources)
-    fsync_dir(folder / "hooks")
-    fsync_dir(folder)  # every joined file is durable before the manifest says the folder is complete
+        shapes[hook] = {"shape": tail, "width": int(np.prod(tail, dtype=np.int64)) if tail else 0,
+                        "dtype": next((e["dtypes"][hook] for e in entries if hook in e["dtypes"]), "F32")}
+    _write_items(folder / "items.jsonl", [folder / s["file"] for s in shards])
     write_json(folder / MANIFEST, {
-        **header, "format": FORMAT, "hooks": shapes, "n_items": position, "n_rows": n_rows,
-        "row_fields": list(ROW_FIELDS), "rows": "rows.safetensors", "items": "items.jsonl",
-        "shards": [{k: e[k] for k in ("rank", "file", "start", "stop", "rows")} for e in entries],
+        **header, "format": FORMAT, "hooks": shapes, "n_items": position, "n_rows": row,
+        "row_fields": list(ROW_FIELDS), "items": "items.jsonl", "shards": shards,
     })
-    if not keep_shards:
-        shutil.rmtree(folder / "shards", ignore_errors=True)
 
 
 def _write_items(path: Path, sources: Sequence[Path]) -> None:

@@ -1,8 +1,14 @@
-"""Reading an extraction folder back: memory-mapped [n_rows, d] tensors, the row table, a torch Dataset."""
+"""Reading an extraction folder back: memory-mapped [n_rows, d] tensors, the row table, a torch Dataset.
+
+A hook's rows live in the shards. Where there is one shard, ``tensor(hook)`` maps it directly; where
+there are several, the first ``tensor(hook)`` joins that hook's rows into ``joined/<hook>.safetensors``
+(file-to-file copies, bounded memory, atomic) and maps that file from then on.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -12,7 +18,7 @@ import torch
 import torch.utils.data
 from jaxtyping import Float, Int
 
-from vlm_lens.activations.files import memmap, read_json
+from vlm_lens.activations.files import join_safetensors, memmap, read_json, torch_dtype
 from vlm_lens.activations.manifest import FORMAT, MANIFEST
 
 
@@ -97,12 +103,31 @@ class ActivationStore:
         """All kept rows of ``hook``, memory-mapped (pages are read on use; writes stay in this process)."""
         info = self._check(hook)
         if hook not in self._tensors:
-            self._tensors[hook] = memmap(self.folder / info["file"], hook)
+            self._tensors[hook] = self._mapped(hook, torch_dtype(info["dtype"]), info["width"])
         return self._tensors[hook]
 
     @cached_property
     def rows(self) -> Rows:
-        return Rows(memmap(self.folder / self.manifest["rows"], "rows"))
+        return Rows(self._mapped("rows", torch.int64, len(Row._fields)))
+
+    def _mapped(self, name: str, dtype: torch.dtype, width: int) -> torch.Tensor:
+        shards = [self.folder / s["file"] for s in self.manifest["shards"]]
+        if len(shards) == 1:
+            return memmap(shards[0], name)
+        joined = self.folder / "joined" / f"{name}.safetensors"
+        if not joined.exists():
+            if not os.access(self.folder, os.W_OK):
+                raise ValueError(f"{self.folder} is read-only, and reading {name!r} as one tensor joins its "
+                                 f"{len(shards)} shards into {joined} once. Copy the folder somewhere writable, or "
+                                 "read it through store.shard_tensors(hook).")
+            joined.parent.mkdir(exist_ok=True)
+            join_safetensors(joined, name, shards, dtype, [width], {"format": FORMAT})
+        return memmap(joined, name)
+
+    def shard_tensors(self, hook: str) -> list[torch.Tensor]:
+        """``hook``'s rows shard by shard (memory-mapped, in dataset order), without joining them."""
+        self._check(hook)
+        return [memmap(self.folder / s["file"], hook) for s in self.manifest["shards"]]
 
     @cached_property
     def items(self) -> list[dict[str, Any]]:
@@ -113,7 +138,7 @@ class ActivationStore:
     def dataset(self, hook: str) -> ActivationDataset:
         """A ``torch.utils.data.Dataset`` of (activation [d], ``Row``), memory-mapped, opened lazily (so it
         pickles cheaply to DataLoader workers)."""
-        self._check(hook)
+        self.tensor(hook), self.rows  # join here once, not in every worker
         return ActivationDataset(self.folder, hook)
 
     def on_grid(self, hook: str) -> Float[torch.Tensor, "n_images rows cols d"]:
