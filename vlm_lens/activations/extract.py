@@ -48,7 +48,7 @@ class _Plan:
 
 
 def extract(model: Any, dataset: Any, *, hooks: Sequence[str], positions: str | PositionsFn = "image",
-            out: str | Path, batch_size: int = 16, dtype: torch.dtype | None = None, shard_mb: float | int = 64,
+            out: str | Path, batch_size: int = 16, dtype: torch.dtype | None = None, shard_mb: float | int = 16,
             prefetch: int = 2, progress: bool = True) -> ActivationStore:
     """Keep the rows ``positions`` selects of every hook in ``hooks``, for every item of ``dataset``, in ``out``.
 
