@@ -138,3 +138,15 @@ def test_a_positions_function_may_run_the_model_without_being_captured(model, tm
     for hook in LM_HOOKS:
         assert torch.equal(own.tensor(hook), last.tensor(hook))
     assert torch.equal(own.rows.table, last.rows.table) and no_hooks_left(model)
+
+
+def test_hooks_attached_before_stay_and_run(model, tmp_path):
+    kwargs = dict(hooks=["blocks.1.hook_resid_post"], batch_size=BATCH, progress=False)
+    clean = activations.extract(model, organism_items(N), out=tmp_path / "clean", **kwargs)
+    model.add_hook("blocks.0.hook_resid_post", lambda act, hook: act * 0)
+    try:
+        ablated = activations.extract(model, organism_items(N), out=tmp_path / "ablated", **kwargs)
+        assert len(model.hook_dict["blocks.0.hook_resid_post"].fwd_hooks) == 1
+    finally:
+        model.reset_hooks()
+    assert not torch.equal(clean.tensor(kwargs["hooks"][0]), ablated.tensor(kwargs["hooks"][0]))
