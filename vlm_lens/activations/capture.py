@@ -58,12 +58,9 @@ def stop_layer(model: Any, hooks: Sequence[str]) -> int | None:
     layers = []
     for name in hooks:
         match = _LAYER.match(name)
-        if match:
-            layers.append(int(match.group(1)))
-        elif is_sequence_hook(name) and name not in SEQUENCE_NAMES:
-            return None  # ln_final or later: the whole language model runs
-        elif name in SEQUENCE_NAMES or not is_sequence_hook(name):
-            layers.append(-1)  # embedding or vision side: no block needed
+        if name.startswith("ln_final."):
+            return None  # after the last block: the whole language model runs
+        layers.append(int(match.group(1)) if match else -1)  # embedding or vision side: no block needed
     stop = max(layers) + 1
     return None if stop >= model.cfg.n_layers else stop
 
