@@ -49,15 +49,15 @@ class _Plan:
 
 def extract(model: Any, dataset: Any, *, hooks: Sequence[str], positions: str | PositionsFn = "image",
             out: str | Path, batch_size: int = 16, dtype: torch.dtype | None = None, shard_mb: float | int = 16,
-            prefetch: int = 2, progress: bool = True) -> ActivationStore:
+            prefetch: int = 0, progress: bool = True) -> ActivationStore:
     """Keep the rows ``positions`` selects of every hook in ``hooks``, for every item of ``dataset``, in ``out``.
 
     ``dataset``: a sequence or iterable of items with ``prompt`` and ``image`` (or ``images``), as
     attributes or keys (an ``organism.ShapesDataset`` is one); an optional ``id``. ``positions``:
     ``"image"``, ``"text"``, ``"last"``, ``"all"`` or ``fn(inputs, item) -> positions`` (see
     ``vlm_lens.activations.positions``). ``dtype``: stored dtype (None: the hook's own). A shard is
-    written each time the kept rows reach ``shard_mb`` MiB. ``prefetch`` batches are read and prepared
-    ahead in a background thread (0: none). Killed at any point, a second call with the same
+    written each time the kept rows reach ``shard_mb`` MiB. ``prefetch`` > 0 reads and prepares that
+    many batches ahead in a background thread (off by default: on a busy CPU it cost more than it saved). Killed at any point, a second call with the same
     arguments resumes after the last complete shard and ends with the same bytes; other arguments
     into the same folder are an error naming what differs. Under ``torchrun`` each rank extracts its
     block of batches and rank 0 lists them in the manifest.
