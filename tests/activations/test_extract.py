@@ -84,12 +84,13 @@ def test_dtype_shard_size_and_iterables_give_the_same_rows(model, tmp_path):
         assert torch.equal(half.tensor(hook), one.tensor(hook).to(torch.bfloat16))
 
 
-def test_item_without_its_image_is_an_error_and_is_not_written(model, tmp_path):
+@pytest.mark.parametrize("prefetch", [0, 2])  # with prefetch the error comes from the reading thread
+def test_item_without_its_image_is_an_error_and_is_not_written(model, tmp_path, prefetch):
     items = [dict(prompt=it.prompt, image=it.image, id=f"img-{i}") for i, it in enumerate(organism_items(5))]
     items[3]["image"] = None
     with pytest.raises(ValueError, match=r"item 3 \(id 'img-3'\) has 1 '<image>' placeholder.*0 image"):
         activations.extract(model, items, hooks=LM_HOOKS, out=tmp_path / "a", batch_size=1, shard_mb=1e-6,
-                            progress=False)
+                            prefetch=prefetch, progress=False)
     assert no_hooks_left(model) and not (tmp_path / "a" / "manifest.json").exists()
     written = sorted(p.name for p in (tmp_path / "a" / "shards" / "rank00000").iterdir())
     assert written == ["progress.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
