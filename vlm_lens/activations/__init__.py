@@ -4,12 +4,13 @@
 >>> store = activations.extract(model, organism.ShapesDataset("test", seed=0, size=2000),  # doctest: +SKIP
 ...                             hooks=["blocks.2.hook_resid_post"], positions="image", out="acts")
 >>> store = activations.load("acts")  # doctest: +SKIP
->>> x, rows = store.tensor("blocks.2.hook_resid_post"), store.rows  # [n_rows, d], per-row item/position/cell
+>>> x, rows = store.tensor("blocks.2.hook_resid_post"), store.rows  # doctest: +SKIP
 
 - ``extract``: keeps only the selected rows inside each hook (no cache), writes shards atomically,
   resumes after a crash with the same bytes, and splits the batches by rank under ``torchrun``.
-- ``load`` -> ``ActivationStore``: ``hooks``, ``tensor(hook)`` (memory-mapped, dataset order), ``rows``,
-  ``items``, ``dataset(hook)`` (a torch ``Dataset`` of (activation, ``Row``)), ``on_grid(hook)``.
+- ``load`` -> ``ActivationStore``: ``hooks``, ``shapes``, ``tensor(hook)`` ([n_rows, d], memory-mapped,
+  dataset order), ``rows`` (item, position, image, grid, grid_row, grid_col per row), ``items``,
+  ``dataset(hook)`` (a torch ``Dataset`` of (activation, ``Row``)), ``on_grid(hook)``, ``shard_tensors(hook)``.
 """
 
 from vlm_lens.activations.extract import extract
