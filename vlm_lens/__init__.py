@@ -1,7 +1,7 @@
 """vlm_lens: mechanistic interpretability for vision-language models, TransformerLens style.
 
-``HookedVLM``, ``VLMInputs``, ``ImageLayout``, ``reuse_cache_memory`` (and the subpackages ``analysis``,
-``viz``, ``organism``) are imported when first used: torch, transformers and TransformerLens take seconds
+``HookedVLM``, ``VLMInputs``, ``ImageLayout``, ``reuse_cache_memory`` (and the subpackages ``activations``,
+``analysis``, ``viz``, ``organism``) are imported when first used: torch, transformers and TransformerLens take seconds
 to import, and ``import vlm_lens`` alone (or ``vlm-lens --help``) should not pay for them.
 """
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 _EXPORTS = {"HookedVLM": "vlm_lens.hooked_vlm", "VLMInputs": "vlm_lens.inputs", "ImageLayout": "vlm_lens.layout",
             "reuse_cache_memory": "vlm_lens._memory"}
-_SUBPACKAGES = ("analysis", "viz", "organism")
+_SUBPACKAGES = ("activations", "analysis", "viz", "organism")
 __all__ = ["HookedVLM", "ImageLayout", "VLMInputs", "reuse_cache_memory"]
 
 
