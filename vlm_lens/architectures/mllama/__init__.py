@@ -8,6 +8,7 @@ cross-attention blocks at ``cross_attention_layers``. Images are read through cr
 - ``vision``, ``projector``: the hooked tower and projector
 - ``cross_attention``: ``CrossAttentionBlock`` and the key layout it reads (``CrossKeys``)
 - ``pipeline``: ``MllamaPipeline`` (plan, features, the layout on the key axis)
+- ``processor``: transformers' processor taking a batch's images flat (as ``model.prepare`` gives them)
 - ``analysis``: knockout and key/value readout on the cross-attention keys
 - ``testing``: tiny seeded checkpoints
 """
@@ -15,6 +16,7 @@ cross-attention blocks at ``cross_attention_layers``. Images are read through cr
 from vlm_lens.architectures.mllama.config import ARCHITECTURE, mllama_configs
 from vlm_lens.architectures.mllama.convert import convert_mllama
 from vlm_lens.architectures.mllama.pipeline import MllamaPipeline
+from vlm_lens.architectures.mllama.processor import load_processor
 from vlm_lens.architectures.registry import ArchitectureSpec, register
 
 
@@ -30,4 +32,5 @@ SPEC = register(ArchitectureSpec(
     build_configs=mllama_configs,
     convert_weights=convert_mllama,
     pipeline=MllamaPipeline,
+    load_processor=load_processor,
 ), family=__name__)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from types import SimpleNamespace
 from typing import Any
 
 import einops
@@ -45,8 +44,9 @@ def convert_cross_layer(layer: nn.Module, dst: str, cfg: HookedTransformerConfig
 def convert_language_model(text: nn.Module, lm_head: nn.Module, cfg: HookedTransformerConfig,
                            cross_layers: tuple[int, ...]) -> dict[str, torch.Tensor]:
     self_layers = [i for i in range(cfg.n_layers) if i not in cross_layers]
-    stand_in = SimpleNamespace(embed_tokens=text.embed_tokens, norm=text.norm,
-                               layers=[text.layers[i] for i in self_layers])
+    stand_in = nn.Module()  # the text model with its self-attention layers only, numbered 0, 1, ...
+    stand_in.embed_tokens, stand_in.norm = text.embed_tokens, text.norm
+    stand_in.layers = nn.ModuleList(text.layers[i] for i in self_layers)
     state = convert_with_tl(convert_llama_weights, stand_in, lm_head,
                             dataclasses.replace(cfg, n_layers=len(self_layers)))
     renumber = lambda m: f"blocks.{self_layers[int(m.group(1))]}."  # noqa: E731

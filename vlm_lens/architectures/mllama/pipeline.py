@@ -87,7 +87,7 @@ class MllamaPipeline(ImagePipeline):
         tiles = model.vlm_cfg.vision.max_tiles
         plan.side_outputs[CROSS] = CrossKeys(
             images_per_row=d.real.sum(1).tolist(), keys_per_image=model.vlm_cfg.keys_per_image, tiles=tiles,
-            tile_mask=d.cross_attention_mask.flatten(2).to(device))
+            tile_mask=d.cross_attention_mask.flatten(2).to(device).bool())
         return features
 
     def layout(self, model: HookedVLM, image_mask: torch.Tensor, extras: dict[str, Any]) -> ImageLayout:
