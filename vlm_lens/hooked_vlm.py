@@ -238,6 +238,8 @@ class HookedVLM(HookedTransformer):
             if pixel_values is not None:
                 raise ValueError("Pass pixel_values or prompt_images, not both.")
             extras.update(prompt_images.extras)
+            if not self.pipeline.splices_images:  # read by the family's modules on every step
+                return CallContext(None, prompt_images.image_embeds, side_outputs=prompt_images.side_outputs)
             # Inside generate(): the prompt's images go in wherever the call covers the prompt.
             if cached_length(past_kv_cache) == 0 and prompt_images.image_embeds is not None:
                 return CallContext(prompt_images.image_mask, prompt_images.image_embeds,
@@ -246,7 +248,9 @@ class HookedVLM(HookedTransformer):
         image_mask, plan = self._check_image_inputs(tokens, pixel_values, extras)
         if plan is None:
             return CallContext()
-        return CallContext(image_mask, self._encode(pixel_values, plan), side_outputs=plan.side_outputs)
+        embeds = self._encode(pixel_values, plan)
+        spliced = image_mask if self.pipeline.splices_images else None  # None: nothing written over the sequence
+        return CallContext(spliced, embeds, side_outputs=plan.side_outputs)
 
     # ----------------------------------------------------------------------------------- inputs
     def prepare(self, prompts: str | list[str], images: Any = None, **kwargs: Any) -> VLMInputs:

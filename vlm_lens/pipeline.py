@@ -45,6 +45,11 @@ class ImagePipeline:
     # False where the LM's positions or attention mask come from the image positions (e.g. M-RoPE, Gemma 3's
     # image blocks), which a residual passed in with start_at_layer cannot carry.
     supports_start_at_layer: bool = True
+    # False where images enter the language model only through the family's own modules (Mllama's
+    # cross-attention): each image has one placeholder token (``tokens_per_image`` 1), which stays a text token;
+    # nothing is written over the sequence, and ``CallContext.image_embeds`` / ``side_outputs`` reach every call,
+    # ``generate``'s KV-cached steps included.
+    splices_images: bool = True
 
     def build(self, model: HookedVLM) -> None:
         """Create ``model.vision`` and ``model.projector`` (and any other module of the family), once, in
