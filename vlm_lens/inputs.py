@@ -183,6 +183,12 @@ def labelled_str_tokens(model: HookedVLM, inputs: VLMInputs) -> list[str] | list
     rows = []
     for b in range(inputs.tokens.shape[0]):
         labels = [model.tokenizer.decode([t]) for t in inputs.tokens[b].tolist()]
+        if inputs.layout.axis == "keys":  # images are read through cross-attention: label the placeholders
+            placeholders = (inputs.tokens[b] == model.image_token_id).nonzero().flatten().tolist()
+            for i, pos in zip(inputs.layout.images_in_row(b), placeholders):
+                labels[pos] = f"<img{i}>"
+            rows.append(labels)
+            continue
         for i in inputs.layout.images_in_row(b):
             span = inputs.layout.spans[i]
             for k, pos in enumerate(span.extra.tolist()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -36,9 +37,15 @@ class ImageSpan:
 
 @dataclass(frozen=True)
 class ImageLayout:
-    """The image layout of a batch: ``spans[i]`` is image ``i`` (images numbered in sequence order)."""
+    """The image layout of a batch: ``spans[i]`` is image ``i`` (images numbered in sequence order).
+
+    ``axis`` says what the spans' positions index: ``"sequence"`` (image tokens in the residual stream), or
+    ``"keys"`` (the cross-attention keys a model reads its images from, e.g. Mllama; the sequence then holds
+    one placeholder token per image).
+    """
 
     spans: tuple[ImageSpan, ...]
+    axis: Literal["sequence", "keys"] = "sequence"
 
     @property
     def n_images(self) -> int:

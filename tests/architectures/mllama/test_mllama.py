@@ -128,6 +128,9 @@ def test_every_hook_is_live(model):
 
 def test_layout_is_on_the_key_axis(model, batch):
     layout, keys = batch.layout, model.vlm_cfg.keys_per_image
+    assert layout.axis == "keys"
+    labels = model.to_str_tokens(batch)
+    assert sum(t.startswith("<img") for row in labels for t in row) == 3 and "<img2>" in labels[1]
     assert layout.n_images == 3 and [layout.batch_of(i) for i in range(3)] == [0, 1, 1]
     assert [tuple(layout.grid(i).shape) for i in range(3)] == [(2, 6), (4, 4), (6, 2)]
     grid = layout.grid(2)  # second image of row 1: keys [K, 2K)

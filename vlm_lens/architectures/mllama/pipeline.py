@@ -93,7 +93,7 @@ class MllamaPipeline(ImagePipeline):
     def layout(self, model: HookedVLM, image_mask: torch.Tensor, extras: dict[str, Any]) -> ImageLayout:
         ids = extras.get("aspect_ratio_ids")
         if ids is None:
-            return ImageLayout(spans=())
+            return ImageLayout(spans=(), axis="keys")
         v = model.vlm_cfg.vision
         keys, positions, g = model.vlm_cfg.keys_per_image, v.n_tile_positions, v.grid_size
         spans = []
@@ -108,4 +108,4 @@ class MllamaPipeline(ImagePipeline):
                 on_grid[grid.flatten() - start] = True
                 extra = (~on_grid).nonzero().flatten() + start
                 spans.append(ImageSpan(batch=b, start=start, end=start + keys, grid=grid, extra=extra))
-        return ImageLayout(spans=tuple(spans))
+        return ImageLayout(spans=tuple(spans), axis="keys")
