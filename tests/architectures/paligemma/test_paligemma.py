@@ -9,6 +9,7 @@ import torch
 from transformers import AutoProcessor
 
 from vlm_lens import HookedVLM
+from vlm_lens._tl.fast.attention import FastAttentionMixin
 from vlm_lens.analysis import image_ablation_hooks, knockout_hooks, logit_lens, patch_image_positions
 from vlm_lens.analysis.probing import read_kv
 from vlm_lens.architectures.paligemma.config import paligemma_configs
@@ -72,6 +73,8 @@ def test_config_mirrors_transformer_lens_gemma(model):
     assert cfg.n_key_value_heads == 1 and cfg.d_head == 16 and cfg.normalization_type == "RMS"
     assert all(b.attn.attention_overlay is prefix_overlay and not b.attn.overlay_within_window for b in model.blocks)
     assert type(model.projector) is PaliGemmaProjector and model.vision.ln_final is not None
+    # the overlay keeps TransformerLens's explicit attention (which also soft-caps Gemma 2's scores)
+    assert not any(isinstance(b.attn, FastAttentionMixin) for b in model.blocks)
     if is_v2(model):
         assert cfg.use_normalization_before_and_after and cfg.attn_types == ["local", "global"] and cfg.window_size == 6
         assert (cfg.attn_scores_soft_cap, cfg.output_logits_soft_cap, cfg.attn_scale) == (1.0, 2.0, math.sqrt(24))
