@@ -137,6 +137,8 @@ def prepare_inputs(model: HookedVLM, prompts: str | list[str], images: Any = Non
         raise ValueError("prompts must be a string or a non-empty list of strings.")
     per_prompt = _per_prompt_images(prompt_list, images)
     placeholder = processor.image_token
+    # what goes between the images and a prompt without placeholders (a processor may set it: PaliGemma "")
+    separator = getattr(processor, "image_placeholder_separator", "\n")
     texts, flat_images = [], []
     for i, (prompt, imgs) in enumerate(zip(prompt_list, per_prompt)):
         imgs = [_as_rgb_image(img, f"image {j} of prompt {i}") for j, img in enumerate(imgs)]
@@ -144,7 +146,7 @@ def prepare_inputs(model: HookedVLM, prompts: str | list[str], images: Any = Non
             prompt = _apply_chat_template(processor, prompt, n_images=0 if placeholder in prompt else len(imgs))
         n_slots = prompt.count(placeholder)
         if n_slots == 0 and imgs:
-            prompt = placeholder * len(imgs) + "\n" + prompt
+            prompt = placeholder * len(imgs) + separator + prompt
         elif n_slots != len(imgs):
             raise ValueError(
                 f"prompt {i} has {n_slots} {placeholder!r} placeholder(s) but {len(imgs)} image(s) were given "

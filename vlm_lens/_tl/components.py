@@ -101,14 +101,16 @@ Overlay = Callable[[int, int, int, torch.device], "torch.Tensor | None"]
 
 
 class _AttentionOverlay(AbstractAttention):
-    """Mixin: TransformerLens's causal mask, OR the pairs of ``self.attention_overlay``; a local layer then
-    keeps only keys inside its window (``key > query - window_size``), so the overlay never reaches past it.
+    """Mixin: TransformerLens's causal mask, OR the pairs of ``self.attention_overlay``. On a local layer the
+    window (``key > query - window_size``) limits the union when ``overlay_within_window`` (AND(window,
+    OR(causal, overlay)), Gemma 3), or only the causal part (OR(AND(window, causal), overlay), PaliGemma 2).
 
     The mask is applied before ``hook_attn_scores``, so hooks see (and may further mask) the scores the model
     uses; padding is still masked by TransformerLens's ``attention_mask`` after this.
     """
 
     attention_overlay: Overlay
+    overlay_within_window: bool = True
 
     def _make_causal_mask(self, query_ctx_length: int, key_ctx_length: int, past_kv_pos_offset: int,
                           device: torch.device) -> torch.Tensor:
@@ -117,7 +119,11 @@ class _AttentionOverlay(AbstractAttention):
             return super()._make_causal_mask(query_ctx_length, key_ctx_length, past_kv_pos_offset, device)
         queries = torch.arange(past_kv_pos_offset, past_kv_pos_offset + query_ctx_length, device=device)[:, None]
         keys = torch.arange(key_ctx_length, device=device)[None, :]
-        mask = (keys <= queries) | extra.to(device=device, dtype=torch.bool)
+        extra = extra.to(device=device, dtype=torch.bool)
+        mask = keys <= queries
+        if self.attn_type == "local" and not self.overlay_within_window:
+            return (mask & (keys > queries - self.cfg.window_size)) | extra
+        mask = mask | extra
         if self.attn_type == "local":
             mask = mask & (keys > queries - self.cfg.window_size)
         return mask
@@ -126,8 +132,9 @@ class _AttentionOverlay(AbstractAttention):
 _OVERLAY_CLASSES: dict[type, type] = {}
 
 
-def with_attention_overlay(attn: AbstractAttention, overlay: Overlay) -> None:
-    """Make the causal layer ``attn`` (any TransformerLens attention) also attend over ``overlay``'s pairs.
+def with_attention_overlay(attn: AbstractAttention, overlay: Overlay, within_window: bool = True) -> None:
+    """Make the causal layer ``attn`` (any TransformerLens attention) also attend over ``overlay``'s pairs;
+    ``within_window=False`` lets the overlay reach past a local layer's sliding window.
 
     Call it while building the model (before ``install_fast_components``): the layer keeps TransformerLens's
     own forward (its class is no longer one the fast path swaps), so the scores and the pattern always hold
@@ -143,3 +150,4 @@ def with_attention_overlay(attn: AbstractAttention, overlay: Overlay) -> None:
         _OVERLAY_CLASSES[base] = type(f"{base.__name__}WithOverlay", (_AttentionOverlay, base), {})
     swap_class(attn, _OVERLAY_CLASSES[base])
     attn.attention_overlay = overlay
+    attn.overlay_within_window = within_window

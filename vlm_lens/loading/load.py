@@ -121,6 +121,10 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
     del model
     holder.clear()  # from_pretrained's HF model is now only referenced through `state`
     gc.collect()  # modules can sit in reference cycles; their tensors must be freed as `state` drains
+    if processing.get("center_unembed") and (cfg.output_logits_soft_cap or 0) > 0:
+        # as TransformerLens does: a soft cap on the logits is not invariant to adding a constant to them
+        logger.warning("center_unembed is off for %s: its logits are soft-capped.", spec.name)
+        processing = {**processing, "center_unembed": False}
     process = any(processing.values())
     fold = bool(processing.get("fold_ln"))
     tokenizer = getattr(processor, "tokenizer", None)

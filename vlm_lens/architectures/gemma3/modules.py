@@ -19,13 +19,14 @@ from transformer_lens.config import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
 from vlm_lens.architectures.gemma3.config import Gemma3Config
+from vlm_lens.config import VLMConfig
 from vlm_lens.vision import HookedSiglipVision
 
 
 class HookedGemma3Vision(HookedSiglipVision):
     """SigLIP patches -> blocks -> ``ln_final`` (hooks ``vision.ln_final.hook_scale`` / ``hook_normalized``)."""
 
-    def __init__(self, cfg: Gemma3Config, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: VLMConfig, dtype: torch.dtype = torch.float32):  # also PaliGemma's tower
         super().__init__(cfg, dtype)
         self.ln_final = LayerNorm(self.cfg)
 
