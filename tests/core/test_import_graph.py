@@ -44,6 +44,11 @@ def _imports(tree: ast.AST, modules: set[str], package: str) -> set[str]:
     return {m for m in found if m in modules}
 
 
+def _parents(module: str) -> list[str]:
+    parts = module.split(".")
+    return [".".join(parts[:i]) for i in range(2, len(parts))]
+
+
 def import_graph() -> dict[str, set[str]]:
     paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     modules = set(paths)
@@ -51,7 +56,9 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in paths.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         edges = _imports(ast.parse(path.read_text()), modules, package)
-        # importing a.b.c runs a and a.b first; that is the package's own business, not an edge of c's
+        # importing a.b.c runs the package a.b's __init__ first: an edge to it too, unless it is an
+        # ancestor of the importer (already being imported)
+        edges |= {parent for m in edges for parent in _parents(m) if parent in modules}
         graph[name] = {m for m in edges if m != name and not name.startswith(m + ".")}
     return graph
 

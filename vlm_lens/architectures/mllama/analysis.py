@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float
 
 from vlm_lens.analysis.positions import per_row
+from vlm_lens.hook_names import cross_attn_name
 
 
 def cross_knockout_hooks(query_positions: Any, key_positions: Any, layers: Sequence[int]
@@ -28,9 +29,10 @@ def cross_knockout_hooks(query_positions: Any, key_positions: Any, layers: Seque
     sequence positions, ``key_positions`` keys of the row's key axis (``inputs.layout.grid(i)``); each is one
     tensor for every row or one per row. A query left with no key keeps HF's rule (reads all the row's keys).
 
-    Example:
-        >>> hooks = cross_knockout_hooks([last], inputs.layout.grid(0).flatten(), layers=[3, 8])
-        >>> logits = model.run_with_hooks(inputs, fwd_hooks=hooks)
+    Example (the hook names it makes; run them with ``model.run_with_hooks(inputs, fwd_hooks=hooks)``):
+        >>> hooks = cross_knockout_hooks([5], torch.arange(4), layers=[3, 8])
+        >>> [name for name, _ in hooks]
+        ['blocks.3.cross_attn.hook_attn_scores', 'blocks.8.cross_attn.hook_attn_scores']
     """
     def hook(scores: torch.Tensor, hook: Any) -> torch.Tensor:
         batch = scores.shape[0]
@@ -43,7 +45,7 @@ def cross_knockout_hooks(query_positions: Any, key_positions: Any, layers: Seque
                 scores[b, :, q[:, None], k[None, :]] = low
         return scores
 
-    return [(f"blocks.{layer}.cross_attn.hook_attn_scores", hook) for layer in layers]
+    return [(cross_attn_name("attn_scores", layer), hook) for layer in layers]
 
 
 def cross_kv(model: Any, inputs: Any, layer: int) -> tuple[Float[torch.Tensor, "batch keys kv_head d_head"],
@@ -52,7 +54,7 @@ def cross_kv(model: Any, inputs: Any, layer: int) -> tuple[Float[torch.Tensor, "
     if layer not in model.vlm_cfg.cross_attention_layers:
         raise ValueError(f"block {layer} is not a cross-attention block; Mllama's are "
                          f"{list(model.vlm_cfg.cross_attention_layers)}.")
-    names = [f"blocks.{layer}.cross_attn.hook_k", f"blocks.{layer}.cross_attn.hook_v"]
+    names = [cross_attn_name("k", layer), cross_attn_name("v", layer)]
     with torch.no_grad():
         _, cache = model.run_with_cache(inputs, names_filter=lambda name: name in names)
     if names[0] not in cache:
