@@ -14,6 +14,7 @@ prompt expansion (``<img>`` + ``<IMG_CONTEXT>`` * image_seq_length * tiles + ``<
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, no_type_check
 
 from transformers import InternVLProcessor
@@ -26,12 +27,11 @@ def _setting(kwargs: dict[str, Any], image_processor: Any, name: str) -> Any:
     return getattr(image_processor, name) if value is None else value
 
 
-def tile_grid(size: tuple[int, int], tile: tuple[int, int], crop: bool, min_patches: int, max_patches: int
-              ) -> list[int]:
+def tile_grid(size: Sequence[int], tile: Sequence[int], crop: bool, min_patches: int, max_patches: int) -> list[int]:
     """(rows, cols) of crops the image processor cuts an image of ``size`` (height, width) into; (0, 0): one tile."""
     if not crop or max_patches <= 1:
         return [0, 0]
-    cols, rows = get_optimal_tiled_canvas(tuple(size), tuple(tile), min_patches, max_patches)
+    cols, rows = get_optimal_tiled_canvas(tuple(size), tuple(tile), int(min_patches), int(max_patches))
     return [0, 0] if rows * cols == 1 else [rows, cols]
 
 
@@ -69,7 +69,7 @@ class InternVLImagesOnlyProcessor(InternVLProcessor):
         tile = (size["height"], size["width"])
         crop, low, high = (_setting(kwargs, ip, k) for k in ("crop_to_patches", "min_patches", "max_patches"))
         sizes = [list(get_image_size(to_numpy_array(img))) for img in make_flat_list_of_images(images)]
-        grids = [tile_grid(s, tile, crop, low, high) for s in sizes]
+        grids = [tile_grid(s, tile, bool(crop), int(low), int(high)) for s in sizes]
         counts = [r * c + 1 if r else 1 for r, c in grids]
         if counts != [int(n) for n in processed["num_patches"]]:
             raise ValueError(f"The image processor cut the images into {list(processed['num_patches'])} tiles, but "

@@ -58,9 +58,11 @@ def tiny_config(text: dict | None = None, **vision_overrides) -> InternVLConfig:
     text_config = dict(model_type="qwen2", vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,
                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
                        rms_norm_eps=1e-5, pad_token_id=0, eos_token_id=2, initializer_range=0.1,
-                       tie_word_embeddings=True, **(text or {}))
+                       tie_word_embeddings=True)
+    text_config.update(text or {})
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=TILE,
-                  patch_size=PATCH, attention_bias=True, initializer_range=0.1, **vision_overrides)
+                  patch_size=PATCH, attention_bias=True, initializer_range=0.1)
+    vision.update(vision_overrides)
     return InternVLConfig(text_config=text_config, vision_config=vision, image_token_id=IMAGE_TOKEN_ID,
                           image_seq_length=TOKENS_PER_TILE, downsample_ratio=1 / SCALE)
 
