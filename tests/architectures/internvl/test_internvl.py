@@ -153,8 +153,9 @@ def test_single_tiles_match_hf(model, hf):
 
 
 VARIANTS = {
-    # InternViT with RMSNorm, no q/k/v bias and its final LayerNorm read (use_mean_pooling=False)
-    "rms-final-norm": dict(vision=dict(norm_type="rms_norm", attention_bias=False, use_mean_pooling=False)),
+    # InternViT-6B-like: RMSNorm, qk-norm over all heads, no q/k/v bias; its final LayerNorm read (use_mean_pooling=False)
+    "rms-qk-norm": dict(vision=dict(norm_type="rms_norm", use_qk_norm=True, attention_bias=False,
+                                    use_mean_pooling=False, layer_norm_eps=1e-5)),
     # an earlier feature layer (the last block is never built) under a Llama language model
     "layer-2-llama": dict(vision=dict(num_hidden_layers=3), vision_feature_layer=-2,
                           text=dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2)),
@@ -176,6 +177,8 @@ def test_tower_and_language_model_variants_match_hf(tmp_path, variant):
     inputs = ours.prepare(PROMPTS, images=[[image(SIZES["wide"], 5)], [image(SIZES["small"], 6)]])
     with torch.no_grad():
         assert real(ours(inputs) - hf(**hf_inputs(inputs)).logits, inputs).abs().max() <= ATOL
+    if variant == "rms-qk-norm":
+        assert_hooks_live(ours, [n for n in ours.hook_dict if "_norm." in n or "ln_final" in n], inputs)
 
 
 def test_every_hook_fires_and_matters(model):
@@ -276,10 +279,6 @@ def test_errors_teach_and_leave_the_model_unchanged(model, batch, hf):
             setattr(config, key, value)
         with pytest.raises(ValueError, match=match):
             internvl_configs(config, torch.float32, "cpu")
-    config = tiny_config()
-    config.vision_config.use_qk_norm = True
-    with pytest.raises(ValueError, match="use_qk_norm"):
-        internvl_configs(config, torch.float32, "cpu")
 
 
 def test_text_only_forward_and_chat_template(model, hf):

@@ -27,9 +27,6 @@ class InternViTConfig(VisionConfig):
             raise ValueError(f"vision norm_type={self.norm_type!r}; InternViT uses 'layer_norm' or 'rms_norm'.")
         if self.image_size is None:
             raise ValueError("InternViT works on square tiles: vision image_size must be set.")
-        if self.qk_norm:
-            raise ValueError("vision use_qk_norm=True (InternViT-6B) is not supported by vlm_lens yet; the towers of "
-                             "InternVL3-1B to 14B (InternViT-300M) have no qk-norm.")
 
 
 @dataclass(frozen=True)

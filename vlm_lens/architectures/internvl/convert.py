@@ -39,6 +39,8 @@ def _expected_vision_params(cfg: InternVLConfig, attention_bias: bool) -> set[st
         keys |= {f"{p}{m}.{w}" for m in ("layernorm_before", "layernorm_after") for w in norms}
         if attention_bias:
             keys |= {f"{p}attention.{x}_proj.bias" for x in "qkv"}
+        if vcfg.qk_norm:
+            keys |= {f"{p}attention.{x}_norm.weight" for x in "qk"}
     return keys
 
 
@@ -57,6 +59,9 @@ def _block(sd: dict[str, torch.Tensor], i: int, n_heads: int) -> dict[str, torch
     out[dst + "mlp.W_in"], out[dst + "mlp.b_in"] = sd[src + "mlp.fc1.weight"].T, sd[src + "mlp.fc1.bias"]
     out[dst + "mlp.W_out"] = (sd[src + "mlp.fc2.weight"] * lambda_2[:, None]).T
     out[dst + "mlp.b_out"] = sd[src + "mlp.fc2.bias"] * lambda_2
+    for x in "qk":
+        if f"{src}attention.{x}_norm.weight" in sd:
+            out[f"{dst}attn.{x}_norm.w"] = sd[f"{src}attention.{x}_norm.weight"]
     for hf, tl in (("layernorm_before", "ln1"), ("layernorm_after", "ln2")):
         out[f"{dst}{tl}.w"] = sd[f"{src}{hf}.weight"]
         if f"{src}{hf}.bias" in sd:

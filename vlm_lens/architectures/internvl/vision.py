@@ -4,7 +4,9 @@ A pre-norm ViT run on every tile (crop or thumbnail) of every image:
 
 - patch embedding (a convolution with a bias), a CLS token and learned position embeddings (tiles always have
   the tower's ``image_size``, so HF never interpolates them);
-- TransformerLens blocks with bidirectional attention and LayerNorm or RMSNorm (``norm_type``). InternViT's layer
+- TransformerLens blocks with bidirectional attention and LayerNorm or RMSNorm (``norm_type``), and where the
+  checkpoint has it (InternViT-6B) an RMSNorm over all heads' queries and keys (``attn.q_norm`` / ``attn.k_norm``,
+  after ``hook_q`` / ``hook_k`` as in TransformerLens's own qk-norm). InternViT's layer
   scale (``lambda_1``, ``lambda_2``) is folded into the attention output and MLP output weights when the weights
   are converted (``convert``): ``hook_attn_out`` and ``hook_mlp_out`` are what each sub-layer adds to the
   residual stream, and ``attn.hook_result`` / ``W_O`` include the scale, so they sum to it;
@@ -24,16 +26,26 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import nn
-from transformer_lens.components import LayerNorm, TransformerBlock
+from transformer_lens.components import LayerNorm, RMSNorm, TransformerBlock
+from transformer_lens.config import HookedTransformerConfig
 
+from vlm_lens._tl.components import with_full_width_qk_norm
 from vlm_lens.architectures.idefics3.vision import pixel_shuffle
 from vlm_lens.architectures.internvl.config import InternVLConfig
 from vlm_lens.vision.vit import HookedViT
 
+QK_NORM_EPS = 1e-6  # HF hard-codes it for the qk-norm, whatever the tower's layer_norm_eps
+
+
+def _qk_norm(cfg: HookedTransformerConfig, length: int) -> RMSNorm:
+    norm = RMSNorm(cfg, length=length)
+    norm.eps = QK_NORM_EPS
+    return norm
+
 
 class HookedInternViT(HookedViT):
-    """InternViT up to the layer the VLM reads: the shared ViT plus a patch bias, the CLS token, RMSNorm where
-    the checkpoint has it, ``ln_final`` where it is read, and the pixel shuffle.
+    """InternViT up to the layer the VLM reads: the shared ViT plus a patch bias, the CLS token, RMSNorm and
+    qk-norm where the checkpoint has them, ``ln_final`` where it is read, and the pixel shuffle.
 
     Example:
         >>> from vlm_lens import HookedVLM
@@ -49,6 +61,9 @@ class HookedInternViT(HookedViT):
             self.cfg.normalization_type = "RMS"
             self.blocks = nn.ModuleList([TransformerBlock(self.cfg, i) for i in range(len(self.blocks))])
         d = cfg.vision.d_model
+        if cfg.vision.qk_norm:
+            for block in self.blocks:
+                with_full_width_qk_norm(block.attn, *(_qk_norm(self.cfg, d) for _ in "qk"))
         self.b_patch = nn.Parameter(torch.empty(d, dtype=dtype))
         self.class_embedding = nn.Parameter(torch.empty(d, dtype=dtype))
         if cfg.final_norm:
