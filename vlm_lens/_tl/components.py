@@ -151,3 +151,28 @@ def with_attention_overlay(attn: AbstractAttention, overlay: Overlay, within_win
     swap_class(attn, _OVERLAY_CLASSES[base])
     attn.attention_overlay = overlay
     attn.overlay_within_window = within_window
+
+
+class _FullWidthQKNorm(AbstractAttention):
+    """Mixin: queries and keys normalised over all heads together by ``self.q_norm`` / ``self.k_norm`` (norms of
+    length ``n_heads * d_head``), after ``hook_q`` / ``hook_k`` as TransformerLens's own per-head qk-norm is."""
+
+    def calculate_qkv_matrices(self, query_input, key_input, value_input):
+        q, k, v = super().calculate_qkv_matrices(query_input, key_input, value_input)
+        return self.q_norm(q.reshape(*q.shape[:-2], -1)).reshape(q.shape), \
+            self.k_norm(k.reshape(*k.shape[:-2], -1)).reshape(k.shape), v
+
+
+_QK_NORM_CLASSES: dict[type, type] = {}
+
+
+def with_full_width_qk_norm(attn: AbstractAttention, q_norm: nn.Module, k_norm: nn.Module) -> None:
+    """Make ``attn`` normalise its queries and keys over all heads at once (e.g. InternViT-6B's qk-norm); the
+    norms become ``attn.q_norm`` / ``attn.k_norm`` (their hooks: ``attn.q_norm.hook_normalized``, ...)."""
+    if attn.cfg.use_qk_norm:
+        raise ValueError("this attention already has TransformerLens's per-head qk-norm (cfg.use_qk_norm=True).")
+    base = type(attn)
+    if base not in _QK_NORM_CLASSES:
+        _QK_NORM_CLASSES[base] = type(f"{base.__name__}WithFullWidthQKNorm", (_FullWidthQKNorm, base), {})
+    swap_class(attn, _QK_NORM_CLASSES[base])
+    attn.q_norm, attn.k_norm = q_norm, k_norm
