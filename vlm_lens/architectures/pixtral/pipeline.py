@@ -132,4 +132,4 @@ def _span(batch: int, k: int, chunk: torch.Tensor, shape: tuple[int, int], lengt
         boxes = torch.full((end - start, 4), float("nan"), dtype=torch.float64)
         boxes[grid.flatten() - start] = token_boxes(shape, tuple(int(v) for v in size), original)
     return ImageSpan(batch=batch, start=start, end=end, grid=grid, extra=breaks, newlines=breaks, markers=markers,
-                     boxes=boxes)
+                     boxes=boxes, text=breaks)
