@@ -10,7 +10,15 @@ from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImag
 
 from vlm_lens import HookedVLM
 from vlm_lens._tl.components import MaskedRotaryAttention
-from vlm_lens.analysis import image_ablation_hooks, knockout_hooks, logit_lens, patch_image_positions
+from vlm_lens.analysis import (
+    image_ablation_hooks,
+    image_token_attribution,
+    knockout_hooks,
+    logit_lens,
+    logit_target,
+    patch_image_positions,
+    top_attributed_positions,
+)
 from vlm_lens.analysis.probing import read_kv
 from vlm_lens.architectures.pixtral.config import mistral3_configs
 from vlm_lens.architectures.pixtral.processor import PixtralImagesProcessor
@@ -264,6 +272,11 @@ def test_analysis_toolkit_runs(model):
     assert torch.allclose(base[:, :second_row], ablated[:, :second_row], atol=ATOL) and not torch.allclose(base, ablated)
     assert torch.allclose(base[:, :last], knocked[:, :last], atol=ATOL) and not torch.allclose(base[:, last], knocked[:, last])
     assert torch.allclose(base, future, atol=ATOL) and not torch.allclose(base, vision_knock)
+    scores = image_token_attribution(model, one, logit_target(int(base[0, -1].argmax())))
+    assert scores.shape == (12,)  # one per image embedding, none for the breaks
+    top = top_attributed_positions(one, scores, 0, k=2)
+    assert torch.isin(top, grid.flatten()).all() and scores.topk(2).values.min() == scores[
+        one.layout.spans[0].embed_rows(top)].min()
     corrupted = model.prepare("USER : [IMG] what colour ? ASSISTANT :", images=[image(SIZES["tall"], 5)])
     patched = patch_image_positions(model, one, corrupted, lambda logits: logits[:, -1].max(), layers=[0, 1])
     assert patched.values.shape == (2, 4, 3) and torch.isfinite(patched.values).all()
