@@ -131,7 +131,7 @@ class ImageLayout:
         return int(grid[row, col])
 
     def image_positions(self, batch: int | None = None) -> Int[torch.Tensor, "n"]:
-        """All image-token positions (grid and extra) of one batch row, or of row 0 when batch is None."""
+        """All image-token positions (grid and extra, not ``text``) of one batch row, or of row 0 when batch is None."""
         batch = 0 if batch is None else batch
         parts = [_embedded(s) for s in self.spans if s.batch == batch]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
