@@ -33,6 +33,18 @@ class ImageSpan:
     newlines: torch.Tensor = field(default_factory=_no_positions)  # newline tokens (also in extra)
     boxes: torch.Tensor | None = None  # [end - start, 4] float (top, left, bottom, right), original pixels
     markers: torch.Tensor = field(default_factory=_no_positions)  # tokens opening/closing the image, outside it
+    # text tokens inside [start, end) that receive no image embedding (Pixtral's [IMG_BREAK] between rows), sorted
+    text: torch.Tensor = field(default_factory=_no_positions)
+
+    @property
+    def n_embeds(self) -> int:
+        """Rows of the flattened ``hook_image_embeds`` that belong to this image: its positions but ``text``."""
+        return self.end - self.start - len(self.text)
+
+    def embed_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """Index of each position (inside the span, not ``text``) among this image's rows of ``hook_image_embeds``."""
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        return positions - self.start - torch.searchsorted(self.text.to(positions.device), positions)
 
 
 @dataclass(frozen=True)
@@ -126,9 +138,9 @@ class ImageLayout:
         return int(grid[row, col])
 
     def image_positions(self, batch: int | None = None) -> Int[torch.Tensor, "n"]:
-        """All image-token positions (grid and extra) of one batch row, or of row 0 when batch is None."""
+        """All image-token positions (grid and extra, not ``text``) of one batch row, or of row 0 when batch is None."""
         batch = 0 if batch is None else batch
-        parts = [torch.arange(s.start, s.end) for s in self.spans if s.batch == batch]
+        parts = [_embedded(s) for s in self.spans if s.batch == batch]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
     def mask_to_positions(self, image: int, patch_mask: Bool[torch.Tensor, "rows cols"]) -> Int[torch.Tensor, "n"]:
@@ -154,6 +166,12 @@ class ImageLayout:
             if len(hits):
                 return i, int(hits[0, 0]), int(hits[0, 1])
         return None
+
+
+def _embedded(span: ImageSpan) -> torch.Tensor:
+    """The span's positions that receive image embeddings (all but its ``text`` tokens)."""
+    positions = torch.arange(span.start, span.end)
+    return positions[~torch.isin(positions, span.text)] if len(span.text) else positions
 
 
 def build_layout(image_mask: torch.Tensor, tokens_per_image: int, grid_shape: tuple[int, int],

@@ -29,11 +29,12 @@ def embed_indices(inputs: VLMInputs, positions: Any) -> torch.Tensor:
     out, offset = [], 0
     for span in inputs.layout.spans:
         pos = rows[span.batch]
-        inside = pos[(pos >= span.start) & (pos < span.end)]
-        out.append(inside - span.start + offset)
-        offset += span.end - span.start
+        inside = pos[(pos >= span.start) & (pos < span.end) & ~torch.isin(pos, span.text.to(pos.device))]
+        out.append(span.embed_rows(inside) + offset)
+        offset += span.n_embeds
     for b, pos in enumerate(rows):
-        covered = sum(int(((pos >= s.start) & (pos < s.end)).sum()) for s in inputs.layout.spans if s.batch == b)
+        covered = sum(int(((pos >= s.start) & (pos < s.end) & ~torch.isin(pos, s.text.to(pos.device))).sum())
+                      for s in inputs.layout.spans if s.batch == b)
         if covered != len(pos.unique()):
             raise ValueError(f"batch row {b}: some positions are not image tokens; use embed_ablation_hooks.")
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)

@@ -62,6 +62,6 @@ def top_attributed_positions(inputs: VLMInputs, scores: torch.Tensor, image: int
     span = inputs.layout.spans[image]
     grid = inputs.layout.grid(image).flatten()
     flat = scores.reshape(-1)
-    offset = sum(s.end - s.start for s in inputs.layout.spans[:image])
-    values = flat[offset + (grid - span.start)]
+    offset = sum(s.n_embeds for s in inputs.layout.spans[:image])
+    values = flat[offset + span.embed_rows(grid)]
     return grid[values.topk(min(k, len(grid))).indices].sort().values

@@ -132,8 +132,8 @@ def grid_index(layout: ImageLayout) -> tuple[Int[torch.Tensor, " n_images"], Int
 
 def _token_index(layout: ImageLayout, flat: bool) -> torch.Tensor:
     """Index of each grid cell into the per-image (or, ``flat``, concatenated) image-token tensor."""
-    offsets = torch.tensor([0] + [s.end - s.start for s in layout.spans]).cumsum(0)[:-1]
-    local = torch.stack([s.grid - s.start for s in layout.spans])
+    offsets = torch.tensor([0] + [s.n_embeds for s in layout.spans]).cumsum(0)[:-1]
+    local = torch.stack([s.embed_rows(s.grid) for s in layout.spans])
     return local + offsets[:, None, None] if flat else local
 
 
@@ -149,7 +149,7 @@ def _capture_hooks(model: HookedVLM, layout: ImageLayout, sites: Sequence[str], 
         b, g = batch[:, None, None].to(device), grid.to(device)
         return lambda act, hook: keep(key, act[b, g])
 
-    n_tokens = [s.end - s.start for s in layout.spans]
+    n_tokens = [s.n_embeds for s in layout.spans]
 
     def vision_hook(key: tuple) -> Callable:
         def hook(act: torch.Tensor, hook: Any) -> None:
