@@ -52,7 +52,10 @@ class HookedVLM(HookedTransformer):
         default_padding_side: str | None = None,
         fast: bool | None = None,
     ):
-        super().__init__(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side=default_padding_side)
+        from vlm_lens._tl.components import shared_rotary_tables
+
+        with shared_rotary_tables():  # one table for all layers, not one computed per layer
+            super().__init__(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side=default_padding_side)
         self.vlm_cfg = vlm_cfg
         self.processor = processor
         self.embed = MergingEmbed(self.cfg)
