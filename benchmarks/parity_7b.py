@@ -169,8 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--folder", type=Path, default=None, help="reuse/build the model folder here")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default=None, help="file name of the results (default: from the settings)")
     args = p.parse_args(argv)
     r = run(args.config, args.lm_layers, args.dtype, args.device, args.repeats, args.folder)
+    r["name"] = args.name or r["name"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{r['name']}.json").write_text(json.dumps(r, indent=1, default=str))
     text = report(r)
