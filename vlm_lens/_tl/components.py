@@ -7,6 +7,8 @@
   additive mask come from functions (e.g. a vision tower with 2-D rotary and window masks).
 - ``ResidualTermBlock``: a TransformerLens ``TransformerBlock`` whose output has one more term, defined by a
   subclass (e.g. Qwen3-VL's deepstack features added to the first layers' residual stream).
+- ``shared_rotary_tables``: while a model is built, its attention layers share one rotary sin/cos table
+  (TransformerLens computes the same table once per layer: most of ``HookedTransformer.__init__``'s time).
 - ``with_attention_overlay``: a causal TransformerLens attention layer that also lets chosen (query, key)
   pairs attend, given per call by a function of the family (e.g. an image's tokens attending to each other
   in both directions, or a prefix-LM prompt).
@@ -17,7 +19,8 @@ name, shape and place: only the rotary and the mask change.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -26,6 +29,29 @@ from transformer_lens.components import AbstractAttention, Attention, Transforme
 # (x [batch, pos, head, d_head], offset of x's first position among the keys) -> rotated x, or None to
 # use TransformerLens's own rotary (e.g. outside the forward pass that provides positions).
 Rotary = Callable[[torch.Tensor, int], "torch.Tensor | None"]
+
+
+@contextmanager
+def shared_rotary_tables() -> Iterator[None]:
+    """Layers built inside this context with the same config, size, base and dtype share one rotary table.
+
+    The tables are buffers that TransformerLens only ever replaces (never edits in place), so sharing
+    them changes no value; ``.to(device)`` gives each layer its own copy on the device.
+    """
+    original = AbstractAttention.calculate_sin_cos_rotary
+    memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def shared(self, rotary_dim, n_ctx, base=10000, dtype=torch.float32):
+        key = (id(self.cfg), rotary_dim, n_ctx, base, dtype)
+        if key not in memo:
+            memo[key] = original(self, rotary_dim, n_ctx, base=base, dtype=dtype)
+        return memo[key]
+
+    AbstractAttention.calculate_sin_cos_rotary = shared
+    try:
+        yield
+    finally:
+        AbstractAttention.calculate_sin_cos_rotary = original
 
 
 def swap_class(module: nn.Module, new_class: type) -> None:

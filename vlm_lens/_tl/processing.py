@@ -35,10 +35,10 @@ def process_group(name: str, part: dict[str, torch.Tensor], cfg: Any, steps: dic
     steps that touch it.
     """
     get = lambda step: bool(steps.get(step))  # noqa: E731
-    # TransformerLens's layout as contiguous tensors first, one at a time: each source can then be
-    # freed before the copies processing makes (whose layout follows their input's) exist. Detached:
-    # an autograd graph back to the HF parameter would keep the source alive.
-    part = {k: v.detach().contiguous() for k, v in drain(part)}
+    # Detached: an autograd graph back to the HF parameter would keep the source alive. The copies
+    # processing makes follow their input's layout, so HF's layout (TransformerLens's shapes as
+    # transposed views) carries over to the processed weights.
+    part = {k: v.detach() for k, v in drain(part)}
     sub_cfg = copy.copy(cfg)
     prefix = name[:name.index(".", len("blocks.")) + 1] if name.startswith("blocks.") else ""
     if prefix:
@@ -56,7 +56,7 @@ def process_group(name: str, part: dict[str, torch.Tensor], cfg: Any, steps: dic
         part = _run(part, sub_cfg, flags)
     if get("fold_ln"):
         for key in [k for k in part if k.endswith(FOLDED_NORMS)]:
-            if not torch.all(part[key] == 1):
+            if part[key].device.type != "meta" and not torch.all(part[key] == 1):  # meta: no values
                 raise ValueError(f"{name}: {key} was not folded into the following weights; cannot drop it.")
             del part[key]
     if prefix:

@@ -41,26 +41,36 @@ def safetensors_files(name_or_path: str, **hub_kwargs: Any) -> list[str] | None:
     return list(shards)
 
 
-def load_hf_model(hf_class: type, config: Any, files: list[str], dtype: Any, **kwargs: Any) -> tuple[Any, dict]:
-    """``hf_class.from_pretrained`` on the given safetensors files, each tensor read into its own memory.
+def load_hf_model(hf_class: type, config: Any, files: list[str], dtype: Any, *, device: Any = "cpu",
+                  mapped: bool = False, **kwargs: Any) -> tuple[Any, dict]:
+    """``hf_class.from_pretrained`` on the given safetensors files, each tensor placed on ``device`` as it is
+    read (transformers builds the model on the meta device first and materialises one weight at a time).
 
-    transformers still applies its key renaming, dtype casts and missing/unexpected-key report; only the
-    reading is ours. Returns the model and transformers' loading info.
+    ``mapped=False`` reads each tensor into its own memory (safetensors' ``pread`` backend), so a converter
+    that copies (weight processing) can free each source as it goes; ``mapped=True`` memory-maps the file
+    as transformers does: CPU weights stay views of the file, read on first use (no copy at all when the
+    layout is kept, e.g. without processing). On another device, the host holds only the tensors in
+    flight. transformers still applies its key renaming, dtype casts and missing/unexpected-key report;
+    only the reading is ours. Returns the model and transformers' loading info.
     """
     from safetensors import safe_open
 
     with ExitStack() as stack:
         lazy: dict[str, Any] = {}
         for path in files:
-            handle = stack.enter_context(_open(safe_open, path))
+            handle = stack.enter_context(_open(safe_open, path, mapped))
             for key in handle.keys():
                 lazy[key] = handle.get_slice(key)  # read when transformers asks for it
         kwargs = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS}
+        if str(device) != "cpu":
+            kwargs["device_map"] = {"": device}
         return hf_class.from_pretrained(None, config=config, state_dict=lazy, dtype=dtype,
                                         output_loading_info=True, **{**kwargs, **STRICT_REPORT})
 
 
-def _open(safe_open: Any, path: str) -> Any:
+def _open(safe_open: Any, path: str, mapped: bool = False) -> Any:
+    if mapped:
+        return safe_open(path, framework="pt", device="cpu")
     try:
         return safe_open(path, framework="pt", device="cpu", backend="pread")
     except TypeError:  # safetensors < 0.7 has no backend choice

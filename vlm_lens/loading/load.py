@@ -10,7 +10,6 @@ of the weights plus one block (benchmarks/results/ has the measured figures).
 
 from __future__ import annotations
 
-import gc
 import logging
 from typing import Any
 
@@ -56,7 +55,8 @@ def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, pr
     try:
         files = safetensors_files(name_or_path, **hf_kwargs)
         if files is not None:
-            hf_model, info = load_hf_model(spec.hf_class(), config, files, dtype, **hf_kwargs)
+            hf_model, info = load_hf_model(spec.hf_class(), config, files, dtype, device=device,
+                                           mapped=not any(processing.values()), **hf_kwargs)
         elif allow_pickle:
             hf_model, info = spec.hf_class().from_pretrained(
                 name_or_path, dtype=dtype, use_safetensors=False, output_loading_info=True,
@@ -118,9 +118,10 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
     cfg, vlm_cfg = spec.build_configs(model.config, dtype, str(device))
     with torch.no_grad():  # views without autograd graphs, which would keep HF's parameters alive
         state = {k: v.detach() for k, v in spec.convert_weights(model, cfg, vlm_cfg).items()}
+    if isinstance(hf_model, list):  # ours (from_pretrained): its tensors are now only referenced by `state`
+        _drop_tensors(model)  # modules can sit in reference cycles; cheaper than gc.collect() on a big heap
     del model
-    holder.clear()  # from_pretrained's HF model is now only referenced through `state`
-    gc.collect()  # modules can sit in reference cycles; their tensors must be freed as `state` drains
+    holder.clear()
     if processing.get("center_unembed") and (cfg.output_logits_soft_cap or 0) > 0:
         # as TransformerLens does: a soft cap on the logits is not invariant to adding a constant to them
         logger.warning("center_unembed is off for %s: its logits are soft-capped.", spec.name)
@@ -148,6 +149,13 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
     return vlm
 
 
+def _drop_tensors(model: nn.Module) -> None:
+    """Forget every parameter and buffer of ``model``, so each tensor lives only as long as its views."""
+    for module in model.modules():
+        module._parameters.clear()
+        module._buffers.clear()
+
+
 def _check_state(model: nn.Module, state: dict[str, torch.Tensor], final_keys: set[str]) -> dict[str, nn.Parameter]:
     """Strictly check names and shapes before anything moves (processing keeps shapes, drops norms)."""
     params = dict(model.named_parameters())
@@ -167,7 +175,7 @@ def _assign(model: nn.Module, params: dict[str, nn.Parameter], key: str, tensor:
     Returns the bytes of the moved tensor (its source is freed when the caller drops it)."""
     module_path, _, name = key.rpartition(".")
     placeholder = params.pop(key)  # dropped with this call, so it can be freed too
-    tensor = tensor.detach().to(dtype).contiguous()
+    tensor = tensor.detach().to(dtype)  # keeps its strides: a transposed view of HF's layout stays one
     set_parameter(model.get_submodule(module_path), name, tensor, placeholder.requires_grad)
     return tensor.numel() * tensor.element_size()
 

@@ -1,0 +1,37 @@
+"""LLaVA-1.5-7B widths (CLIP ViT-L/14-336, Llama 4096 wide, vocab 32064) with random weights against HF:
+bf16 (top-1 equal wherever HF's choice is not a rounding tie, log-probs within the bf16 tolerance) and float32
+(logits within 1e-4). One language-model layer each, so they run in minutes on a CPU within ~6 GB;
+``benchmarks/parity_7b.py --lm-layers N`` runs more (results in benchmarks/results/)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _parity_module():
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("benchmarks_parity_7b", BENCHMARKS / "parity_7b.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_7b_shapes_bf16_match_hf(tmp_path):
+    parity = _parity_module()
+    r = parity.run("llava-7b", lm_layers=1, dtype="bfloat16", device="cpu", repeats=1, folder=tmp_path, matmul=False)
+    p = r["parity"]
+    assert p["top1_equal_where_clear"], p
+    assert p["max_abs_logprob_diff"] <= parity.BF16_LOGPROB_TOL, p
+
+
+@pytest.mark.slow
+def test_7b_shapes_float32_match_hf_within_1e_4(tmp_path):
+    parity = _parity_module()
+    r = parity.run("llava-7b", lm_layers=1, dtype="float32", device="cpu", repeats=1, folder=tmp_path, matmul=False)
+    assert r["parity"]["max_abs_logit_diff"] <= parity.FP32_TOL, r["parity"]
+    assert r["parity"]["top1_equal"] == r["parity"]["positions"]
