@@ -7,6 +7,11 @@ inputs); each family's own factories and its hypothesis strategy are in
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config
@@ -111,3 +116,82 @@ def assert_hooks_live(model, names, inputs, **forward_kwargs) -> None:
             dead.append(name)
     assert not silent, f"hooks that never fired: {silent}"
     assert not dead, f"hooks whose change does not reach the logits: {dead}"
+
+
+# ----------------------------------------------------------------------------------- property test cases
+@dataclass(frozen=True)
+class Case:
+    """One drawn configuration for the property test (``tests/core/test_property.py``).
+
+    ``save(folder)`` writes the seeded HF checkpoint and its processor and returns ``(folder, hf_model)``;
+    ``hf_inputs(vlm_inputs)`` gives the HF forward arguments for the prepared inputs. ``choices`` holds
+    what was drawn, so a failing example reads in one line.
+
+    The strategies' annotations name bare containers: beartype (on under pytest) checks a parametrised one,
+    ``tuple[str, ...]``, by sampling an item with the global ``random``, which hypothesis forbids in a draw.
+    """
+
+    family: str
+    choices: dict  # what was drawn for the model
+    prompts: tuple  # of str
+    image_sizes: tuple  # per prompt, a tuple of each image's (height, width)
+    padding_side: str
+    dtype: torch.dtype
+    save: Callable = field(repr=False)  # (folder: Path) -> (folder, hf_model)
+    hf_inputs: Callable = field(repr=False)  # (VLMInputs) -> HF forward kwargs
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # hypothesis's report: the repr, not the config
+        printer.text(repr(self))
+
+    def images(self) -> list[list[Any]]:
+        """Seeded PIL images of the drawn sizes, a different seed for each."""
+        seeds = count()
+        return [[seeded_image(size, seed=next(seeds)) for size in row] for row in self.image_sizes]
+
+
+def draw_text(draw: Any, hidden: tuple = (16, 32)) -> dict:
+    """Language-model shape: width, 1-2 layers, and a grouped-query ratio (query heads, key/value heads)."""
+    from hypothesis import strategies as st
+
+    n_heads = draw(st.sampled_from([2, 4]))
+    n_kv = draw(st.sampled_from([d for d in (1, 2, 4) if n_heads % d == 0]))
+    return dict(hidden_size=draw(st.sampled_from(hidden)), num_hidden_layers=draw(st.integers(1, 2)),
+                num_attention_heads=n_heads, num_key_value_heads=n_kv)
+
+
+def draw_feature_layer(draw: Any, n_layers: int, allow_list: bool = True) -> int | list:
+    """An HF ``vision_feature_layer``: one index into the tower's ``n_layers + 1`` hidden states, or a list.
+
+    Never the single int 0: transformers 5 passes ``vision_feature_layer`` on as ``output_hidden_states``,
+    where 0 reads as False and HF's own forward fails; -(n_layers + 1) is the same hidden state.
+    """
+    from hypothesis import strategies as st
+
+    index = st.integers(-(n_layers + 1), n_layers)
+    if allow_list and draw(st.booleans()):
+        return draw(st.lists(index, min_size=2, max_size=3))
+    return draw(index.filter(lambda i: i != 0))
+
+
+def draw_inputs(draw: Any, placeholder: str, max_images: int = 2, size_range: tuple = (8, 48)) -> dict:
+    """1-2 prompts of different lengths with 1..``max_images`` placeholders each, image sizes (any aspect
+    ratio within ``size_range``), padding side and dtype: the ``Case`` fields that are not the model."""
+    from hypothesis import strategies as st
+
+    batch = draw(st.integers(1, 2))
+    side = st.integers(*size_range)
+    prompts, sizes = [], []
+    for _ in range(batch):
+        n_images = draw(st.integers(1, max_images))
+        words = draw(st.lists(st.sampled_from(WORDS[3:17]), min_size=1, max_size=4))
+        prompts.append(f"USER : {(placeholder + ' ') * n_images}{' '.join(words)} ASSISTANT :")
+        sizes.append(tuple((draw(side), draw(side)) for _ in range(n_images)))
+    return dict(prompts=tuple(prompts), image_sizes=tuple(sizes), padding_side=draw(st.sampled_from(["left", "right"])),
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])))
+
+
+def padded_hf_inputs(inputs: Any) -> dict:
+    """HF forward arguments for a LLaVA-line ``VLMInputs``: HF's language model counts positions from the
+    first column, so padded rows get explicit ``position_ids``."""
+    return dict(input_ids=inputs.tokens, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask,
+                position_ids=(inputs.attention_mask.cumsum(-1) - 1).clamp(min=0), **inputs.extras)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -11,18 +13,32 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    SiglipVisionConfig,
 )
 
-from vlm_lens.testing import IMAGE_TOKEN_ID, TEXT_CONFIGS, VOCAB_SIZE, make_tokenizer, randomise_constants
+from vlm_lens.testing import (
+    IMAGE_TOKEN_ID,
+    TEXT_CONFIGS,
+    VOCAB_SIZE,
+    Case,
+    draw_feature_layer,
+    draw_inputs,
+    draw_text,
+    make_tokenizer,
+    padded_hf_inputs,
+    randomise_constants,
+)
 
 
-def make_processor(image_size: int = 16, patch_size: int = 4, strategy: str = "default") -> LlavaProcessor:
+def make_processor(image_size: int = 16, patch_size: int = 4, strategy: str = "default",
+                   has_class_token: bool = True) -> LlavaProcessor:
+    """``has_class_token``: the tower's (CLIP: yes, SigLIP: no); the processor counts it among the image tokens."""
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
     )
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=make_tokenizer(), patch_size=patch_size,
-        vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
+        vision_feature_select_strategy=strategy, num_additional_image_tokens=int(has_class_token),
     )
 
 
@@ -56,6 +72,42 @@ def save_llava(tmp_path: Path, config: LlavaConfig | None = None, seed: int = 0,
     model = make_hf_llava(config, seed)
     model.save_pretrained(tmp_path)
     if with_processor:
-        strategy = config.vision_feature_select_strategy
-        make_processor(config.vision_config.image_size, config.vision_config.patch_size, strategy).save_pretrained(tmp_path)
+        vision, strategy = config.vision_config, config.vision_feature_select_strategy
+        has_cls = vision.model_type == "clip_vision_model"
+        make_processor(vision.image_size, vision.patch_size, strategy, has_cls).save_pretrained(tmp_path)
     return tmp_path, model
+
+
+def case_strategy() -> Any:
+    """Hypothesis strategy over tiny LLaVA-1.5 configurations and inputs (``vlm_lens.testing.Case``).
+
+    Varies the LM (Llama, Mistral, Qwen2), its width, depth and grouped-query ratio, the tower (CLIP or
+    SigLIP), its depth and patch size, the feature layer(s) and select strategy and the projector bias;
+    inputs: 1-2 prompts of 1-2 images of any aspect ratio, left or right padding, float32 or bfloat16.
+    """
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw: Any) -> Case:
+        lm, tower = draw(st.sampled_from(sorted(TEXT_CONFIGS))), draw(st.sampled_from(["clip", "siglip"]))
+        text = draw_text(draw)
+        vision = dict(hidden_size=24, intermediate_size=48, num_attention_heads=4, image_size=16,
+                      num_hidden_layers=draw(st.integers(1, 3)), patch_size=draw(st.sampled_from([4, 8])))
+        choices = dict(
+            lm=lm, **text, tower=tower, vision_layers=vision["num_hidden_layers"], patch=vision["patch_size"],
+            vision_feature_layer=draw_feature_layer(draw, vision["num_hidden_layers"]),
+            # SigLIP has no class token to drop: 'default' is CLIP's only
+            vision_feature_select_strategy=draw(st.sampled_from(["default", "full"])) if tower == "clip" else "full",
+            multimodal_projector_bias=draw(st.booleans()))
+        vision_config = (CLIPVisionConfig(**vision, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=16)
+                         if tower == "clip" else SiglipVisionConfig(**vision, layer_norm_eps=1e-6, vision_use_head=False))
+        text_config = TEXT_CONFIGS[lm](
+            vocab_size=VOCAB_SIZE, **text, intermediate_size=2 * text["hidden_size"], max_position_embeddings=256,
+            rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+            initializer_range=0.1)
+        config = tiny_llava_config(lm, vision_config=vision_config, text_config=text_config, **{k: choices[k] for k in (
+            "vision_feature_layer", "vision_feature_select_strategy", "multimodal_projector_bias")})
+        return Case(family="llava", choices=choices, **draw_inputs(draw, "<image>"),
+                    save=partial(save_llava, config=config), hf_inputs=padded_hf_inputs)
+
+    return cases()

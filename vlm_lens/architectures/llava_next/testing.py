@@ -7,7 +7,9 @@ five tiles and a few dozen tokens.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +34,10 @@ from vlm_lens.testing import (
     IMAGE_TOKEN_ID,
     TEXT_CONFIGS,
     VOCAB_SIZE,
+    Case,
+    draw_feature_layer,
+    draw_inputs,
+    draw_text,
     make_tokenizer,
     randomise_constants,
     seeded_image,
@@ -185,3 +191,47 @@ def changed_tokens(model, img, box):
         _, b = model.run_with_cache(moved, names_filter="hook_image_embeds")
     diff = (a["hook_image_embeds"] - b["hook_image_embeds"]).abs().amax(-1)
     return clean.layout, set((diff > 1e-6).nonzero().flatten().add(clean.layout.spans[0].start).tolist())
+
+
+# ----------------------------------------------------------------------------------- property test
+CANDIDATE_PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32], [16, 48], [48, 16]]
+
+
+def case_strategy() -> Any:
+    """Hypothesis strategy over tiny LLaVA-NeXT configurations and inputs (``vlm_lens.testing.Case``): see
+    ``draw_anyres_case``; 1-2 images per prompt, each tiled."""
+    from hypothesis import strategies as st
+
+    return st.composite(draw_anyres_case)()
+
+
+def draw_anyres_case(draw: Any, onevision: bool = False) -> Case:
+    """One any-resolution case (LLaVA-NeXT, or LLaVA-OneVision with ``onevision``).
+
+    Varies the LM (Llama, Mistral, Qwen2), its width, depth and grouped-query ratio, the tower (CLIP with
+    'default' or SigLIP with 'full': tiling needs exactly the patch features), its depth and patch size
+    (4x4 or 2x2 patches a tile), the feature layer(s), the projector bias, the pinpoints (OneVision: also
+    ``anyres_max_N``); inputs: 1-2 prompts of 1-2 images, each of any size and aspect ratio in 8-48 px, left
+    or right padding, float32 or bfloat16.
+    """
+    from hypothesis import strategies as st
+
+    lm, tower = draw(st.sampled_from(sorted(TEXT_CONFIGS))), draw(st.sampled_from(["clip", "siglip"]))
+    text = draw_text(draw)
+    vision = dict(num_hidden_layers=draw(st.integers(1, 3)), patch_size=draw(st.sampled_from([4, 8])))
+    pinpoints = draw(st.lists(st.sampled_from(CANDIDATE_PINPOINTS), min_size=1, max_size=4, unique_by=tuple))
+    choices = dict(lm=lm, **text, tower=tower, vision=vision,
+                   vision_feature_layer=draw_feature_layer(draw, vision["num_hidden_layers"]),
+                   multimodal_projector_bias=draw(st.booleans()), image_grid_pinpoints=pinpoints)
+    if onevision:
+        choices["vision_aspect_ratio"] = f"anyres_max_{draw(st.sampled_from([1, 2, 4]))}"
+    text_config = TEXT_CONFIGS[lm](
+        vocab_size=VOCAB_SIZE, **text, intermediate_size=2 * text["hidden_size"], max_position_embeddings=512,
+        rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        initializer_range=0.1)
+    overrides = {k: v for k, v in choices.items() if k not in ("lm", "tower", "vision", *text)}
+    make = tiny_onevision_config if onevision else tiny_next_config
+    config = make(tower, lm, vision, text_config=text_config, **overrides)
+    return Case(family="llava_onevision" if onevision else "llava_next", choices=choices,
+                **draw_inputs(draw, "<image>"), save=partial(save_model, config=config),
+                hf_inputs=partial(hf_inputs, padded=True))

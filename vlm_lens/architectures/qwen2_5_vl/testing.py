@@ -9,14 +9,24 @@ PIL image processor (no torchvision).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from vlm_lens.architectures.qwen2_5_vl.processor import Qwen2_5_VLImageProcessor
-from vlm_lens.testing import VOCAB_SIZE, WORDS, randomise_constants, seeded_image
+from vlm_lens.testing import (
+    VOCAB_SIZE,
+    WORDS,
+    Case,
+    draw_inputs,
+    draw_text,
+    randomise_constants,
+    seeded_image,
+)
 
 MARKERS = ["<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
 SPECIAL = ["<pad>", "<s>", "</s>", "<|image_pad|>", "<unk>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
@@ -50,9 +60,10 @@ TINY_TEXT = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, nu
                  pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
 
 
-def tiny_qwen_config(**vision_overrides) -> Qwen2_5_VLConfig:
-    """initializer_range=0.1 (HF: 0.02) so that positions and windows move the logits by ~0.3, far above ATOL."""
-    text = dict(TINY_TEXT, rope_parameters=dict(TINY_TEXT["rope_parameters"]))
+def tiny_qwen_config(text: dict | None = None, **vision_overrides) -> Qwen2_5_VLConfig:
+    """initializer_range=0.1 (HF: 0.02) so that positions and windows move the logits by ~0.3, far above ATOL.
+    ``text``: overrides of the text config."""
+    text = {**dict(TINY_TEXT, rope_parameters=dict(TINY_TEXT["rope_parameters"])), **(text or {})}
     vision = dict(depth=3, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=PATCH,
                   spatial_merge_size=MERGE, temporal_patch_size=2, window_size=16, out_hidden_size=32,
                   fullatt_block_indexes=[1], hidden_act="silu", initializer_range=0.1)
@@ -94,3 +105,34 @@ def hf_inputs(inputs) -> dict:
     return dict(input_ids=inputs.tokens, attention_mask=inputs.attention_mask, pixel_values=inputs.pixel_values,
                 image_grid_thw=inputs.extras["image_grid_thw"],
                 mm_token_type_ids=(inputs.tokens == IMAGE_TOKEN_ID).long())
+
+
+def case_strategy() -> Any:
+    """Hypothesis strategy over tiny Qwen2.5-VL configurations and inputs (``vlm_lens.testing.Case``).
+
+    Varies the Qwen2 LM's width, depth, grouped-query ratio and M-RoPE sections (any split of the rotary
+    frequencies over time, rows and columns, empty sections included), the tower's depth, width, heads,
+    attention window (1x1 to 4x4 merged tokens) and which blocks attend globally; inputs: 1-2 prompts of
+    1-2 images, each of any size and aspect ratio in 8-48 px, left or right padding, float32 or bfloat16.
+    """
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw: Any) -> Case:
+        text = draw_text(draw)
+        half = text["hidden_size"] // text["num_attention_heads"] // 2  # rotary frequencies per head
+        frames = draw(st.integers(0, half))
+        rows = draw(st.integers(0, half - frames))
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0,
+                                   "mrope_section": [frames, rows, half - frames - rows]}
+        text["intermediate_size"] = 2 * text["hidden_size"]
+        depth = draw(st.integers(1, 3))
+        vision = dict(depth=depth, hidden_size=draw(st.sampled_from([16, 32])), num_heads=draw(st.sampled_from([1, 2, 4])),
+                      window_size=draw(st.sampled_from([8, 16, 32])),
+                      fullatt_block_indexes=draw(st.lists(st.integers(0, depth - 1), max_size=depth, unique=True)))
+        vision["intermediate_size"] = 2 * vision["hidden_size"]
+        config = tiny_qwen_config(text, **vision, out_hidden_size=text["hidden_size"])
+        return Case(family="qwen2_5_vl", choices=dict(text=text, vision=vision), **draw_inputs(draw, IMAGE),
+                    save=partial(save_qwen, config=config), hf_inputs=hf_inputs)
+
+    return cases()
