@@ -14,7 +14,7 @@ import pytest
 import vlm_lens
 
 OPTIONFLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
-MIN_EXAMPLES = 92  # examples that run (not +SKIP); raise it as docstrings gain examples
+MIN_EXAMPLES = 196  # examples that run (not +SKIP); raise it as docstrings gain examples
 
 
 def _modules() -> list:
@@ -44,6 +44,7 @@ def shared_globs():
 
     from vlm_lens import organism, viz
     from vlm_lens.analysis.probing import prepare_batches, read_kv
+    from vlm_lens.sae import load_organism_sae
 
     model = organism.load()
     items = list(organism.ShapesDataset(split="test", seed=0, size=8))
@@ -52,8 +53,9 @@ def shared_globs():
     logits, cache = model.run_with_cache(inputs)
     readout = read_kv(model, prepare_batches(model, items))  # every layer and site, 8 images
     masks = torch.stack([torch.as_tensor(it.target_mask) for it in items])  # bool [8, rows, cols]
+    sae = load_organism_sae()  # at blocks.1.hook_resid_post, d_sae 512; not attached to ``model``
     return dict(torch=torch, organism=organism, viz=viz, model=model, items=items, item=item, img=item.image,
-                inputs=inputs, logits=logits, cache=cache, readout=readout, masks=masks)
+                inputs=inputs, logits=logits, cache=cache, readout=readout, masks=masks, sae=sae)
 
 
 def test_enough_examples_run():
@@ -71,4 +73,4 @@ def test_docstring(test: doctest.DocTest, shared_globs, tmp_path, monkeypatch):
     result = runner.run(test, out=report.append)
     assert result.failed == 0, "".join(report)
     if result.attempted == 0:
-        pytest.skip("every example is +SKIP: each names a real hub checkpoint")
+        pytest.skip("every example is +SKIP (allowed only on lines that name a real hub checkpoint)")

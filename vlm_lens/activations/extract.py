@@ -67,9 +67,10 @@ def extract(model: Any, dataset: Any, *, hooks: Sequence[str], positions: str | 
     Returns the store (``load(out)``) on every rank.
 
     Example:
-        >>> store = extract(model, organism.ShapesDataset("test", seed=0, size=200),  # doctest: +SKIP
-        ...                 hooks=["blocks.1.hook_resid_post"], positions="image", out="acts")
-        >>> store.tensor("blocks.1.hook_resid_post").shape  # [n_rows, d_model]  # doctest: +SKIP
+        >>> store = extract(model, organism.ShapesDataset("test", seed=0, size=8),
+        ...                 hooks=["blocks.1.hook_resid_post"], positions="image", out="acts", progress=False)
+        >>> store.tensor("blocks.1.hook_resid_post").shape  # [n_rows, d_model]
+        torch.Size([72, 128])
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")

@@ -65,9 +65,13 @@ class ActivationStore:
     Rows are in dataset order (items in order; within an item, in the order its positions were kept).
 
     Example:
-        >>> store = load("acts")  # doctest: +SKIP
-        >>> x = store.tensor("blocks.1.hook_resid_post")  # memory-mapped [n_rows, d_model]  # doctest: +SKIP
-        >>> store.rows[0]  # Row(item=0, position=9, image=0, grid=0, grid_row=0, grid_col=0)  # doctest: +SKIP
+        >>> from vlm_lens.activations import extract
+        >>> _ = extract(model, items, hooks=["blocks.1.hook_resid_post"], out="acts", progress=False)
+        >>> store = load("acts")
+        >>> store.tensor("blocks.1.hook_resid_post").shape  # memory-mapped [n_rows, d_model]
+        torch.Size([72, 128])
+        >>> store.rows[0]
+        Row(item=0, position=9, image=0, grid=0, grid_row=0, grid_col=0)
     """
 
     def __init__(self, folder: str | Path):

@@ -9,12 +9,13 @@ model organism. Nothing else in vlm_lens imports this package, so the core works
 Example:
     >>> from vlm_lens import organism
     >>> from vlm_lens.sae import HookedSAEVLM, load_organism_sae, feature_map
-    >>> model = organism.load(model_class=HookedSAEVLM)  # doctest: +SKIP
-    >>> sae = load_organism_sae()  # doctest: +SKIP
-    >>> item = organism.ShapesDataset(split="test", seed=0, size=1)[0]  # doctest: +SKIP
-    >>> inputs = model.prepare(item.prompt, images=[item.image])  # doctest: +SKIP
-    >>> logits = model.run_with_saes(inputs, saes=[sae], positions="image")  # doctest: +SKIP
-    >>> grid = feature_map(model, inputs, sae, feature=3)  # [rows, cols]  # doctest: +SKIP
+    >>> model = organism.load(model_class=HookedSAEVLM)
+    >>> sae = load_organism_sae()
+    >>> item = organism.ShapesDataset(split="test", seed=0, size=1)[0]
+    >>> inputs = model.prepare(item.prompt, images=[item.image])
+    >>> logits = model.run_with_saes(inputs, saes=[sae], positions="image")
+    >>> feature_map(model, inputs, sae, feature=204).shape  # [rows, cols]; 204 is the triangle feature
+    torch.Size([3, 3])
 """
 
 import warnings

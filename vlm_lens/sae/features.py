@@ -43,7 +43,8 @@ def feature_acts(model: Any, inputs: VLMInputs, sae: Any) -> torch.Tensor:
     ``hook_sae_acts_post`` is read; otherwise the activation at its hook is encoded.
 
     Example:
-        >>> acts = feature_acts(model, inputs, sae)  # doctest: +SKIP
+        >>> feature_acts(model, inputs, sae).shape  # [batch, pos, d_sae]
+        torch.Size([1, 20, 512])
     """
     name = _hook_of(sae)
     attached = getattr(model, "acts_to_saes", {}).get(name) is sae
@@ -77,7 +78,8 @@ def feature_map(model: Any, inputs: VLMInputs, sae: Any, feature: int, image_ind
     """Feature ``feature``'s activation on each patch of image ``image_index``, as its [rows, cols] grid.
 
     Example:
-        >>> grid = feature_map(model, inputs, sae, feature=12)  # doctest: +SKIP
+        >>> feature_map(model, inputs, sae, feature=204).shape  # [rows, cols]; 204 is the triangle feature
+        torch.Size([3, 3])
     """
     _check_feature(sae, feature)
     return patch_grid(feature_acts(model, inputs, sae), inputs, _hook_of(sae), image_index)[..., feature]
@@ -88,8 +90,9 @@ def feature_heatmap(model: Any, inputs: VLMInputs, sae: Any, feature: int, image
     """``feature_map`` drawn over the image the model saw (``viz.image_heatmap``); returns the Figure.
 
     Example:
-        >>> fig = feature_heatmap(model, inputs, sae, feature=12)  # doctest: +SKIP
-        >>> viz.save_figure(fig, "feature12.png")  # doctest: +SKIP
+        >>> fig = feature_heatmap(model, inputs, sae, feature=204)
+        >>> viz.save_figure(fig, "feature204.png").is_file()
+        True
     """
     from vlm_lens import viz
 
@@ -136,7 +139,9 @@ def top_patches(model: Any, sae: Any, feature: int, items: Sequence[Any], *, k: 
     patches where it does not fire are left out. Pass ``scan`` (from ``scan_patches``) to reuse a scan.
 
     Example:
-        >>> hits = top_patches(model, sae, 12, organism.ShapesDataset("test", seed=1, size=200))  # doctest: +SKIP
+        >>> hits = top_patches(model, sae, 204, items, k=3)  # over the 8 items' images
+        >>> len(hits), hits[0].grid_shape  # the strongest first; each has index, row, col, activation
+        (3, (3, 3))
     """
     _check_feature(sae, feature)
     if scan is None:

@@ -59,13 +59,15 @@ class HookedSAEVLM(HookedVLM, HookedSAETransformer):
     ``run_with_hooks`` and ``generate``.
 
     Example:
-        >>> from vlm_lens.sae import HookedSAEVLM, load_sae  # doctest: +SKIP
+        >>> from vlm_lens.sae import HookedSAEVLM, load_sae, organism_sae_path
         >>> model = HookedSAEVLM.from_pretrained("llava-hf/llava-1.5-7b-hf")  # doctest: +SKIP
-        >>> sae = load_sae("path/to/sae_folder")  # cfg.json + sae_weights.safetensors  # doctest: +SKIP
-        >>> model.add_sae(sae, positions="image")  # reconstruction at the image tokens only  # doctest: +SKIP
-        >>> logits, cache = model.run_with_cache(inputs)  # doctest: +SKIP
-        >>> acts = cache[sae.cfg.metadata.hook_name + ".hook_sae_acts_post"]  # doctest: +SKIP
-        >>> model.reset_saes()  # doctest: +SKIP
+        >>> model = organism.load(model_class=HookedSAEVLM)  # the same on the shipped organism
+        >>> sae = load_sae(organism_sae_path())  # a folder with cfg.json + sae_weights.safetensors
+        >>> model.add_sae(sae, positions="image")  # reconstruction at the image tokens only
+        >>> logits, cache = model.run_with_cache(inputs)
+        >>> cache[sae.cfg.metadata.hook_name + ".hook_sae_acts_post"].shape  # [batch, pos, d_sae]
+        torch.Size([1, 20, 512])
+        >>> model.reset_saes()
     """
 
     def __init__(self, *args: Any, **kwargs: Any):

@@ -19,7 +19,10 @@ def load_sae(name_or_path: str | Path, sae_id: str | None = None, *, device: str
     this downloads from the Hugging Face Hub).
 
     Example:
-        >>> sae = load_sae("my_saes/blocks.1.hook_resid_post")  # doctest: +SKIP
+        >>> _ = load_organism_sae().save_model("my_saes/blocks.1.hook_resid_post")  # a folder to load
+        >>> sae = load_sae("my_saes/blocks.1.hook_resid_post")
+        >>> sae.cfg.metadata.hook_name, sae.cfg.d_in, sae.cfg.d_sae
+        ('blocks.1.hook_resid_post', 128, 512)
         >>> sae = load_sae("gpt2-small-res-jb", "blocks.8.hook_resid_pre")  # online  # doctest: +SKIP
     """
     path = Path(name_or_path)
@@ -53,7 +56,9 @@ def load_organism_sae(hook_name: str = ORGANISM_SAE, *, device: str = "cpu") -> 
     Example:
         >>> from vlm_lens import organism
         >>> from vlm_lens.sae import HookedSAEVLM, load_organism_sae
-        >>> model = organism.load(model_class=HookedSAEVLM)  # doctest: +SKIP
-        >>> model.add_sae(load_organism_sae(), positions="image")  # doctest: +SKIP
+        >>> model = organism.load(model_class=HookedSAEVLM)
+        >>> model.add_sae(load_organism_sae(), positions="image")
+        >>> list(model.acts_to_saes)
+        ['blocks.1.hook_resid_post']
     """
     return load_sae(organism_sae_path(hook_name), device=device)

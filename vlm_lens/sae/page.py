@@ -75,8 +75,9 @@ def feature_page(model: Any, sae: Any, feature: int, items: Sequence[Any], *, k:
     ``.prompt`` and ``.image``; each item's first image is scanned). Save it with ``viz.save_html``.
 
     Example:
-        >>> page = feature_page(model, sae, 12, organism.ShapesDataset("test", seed=1, size=200))  # doctest: +SKIP
-        >>> viz.save_html(page, "feature12.html")  # doctest: +SKIP
+        >>> page = feature_page(model, sae, 204, items, k=3)  # items: a sequence, e.g. list(ShapesDataset(...))
+        >>> viz.save_html(page, "feature204.html").is_file()
+        True
     """
     from vlm_lens import viz
 

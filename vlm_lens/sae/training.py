@@ -54,7 +54,9 @@ def activation_rows(model: Any, items: Iterable[Any], hook_name: str, *, positio
     activations are flattened over heads. Vision-side hooks give every token of every image.
 
     Example:
-        >>> rows = next(activation_rows(model, organism.ShapesDataset("train", size=64), "blocks.1.hook_resid_post"))  # doctest: +SKIP
+        >>> rows = next(activation_rows(model, organism.ShapesDataset("train", size=8), "blocks.1.hook_resid_post"))
+        >>> rows.shape  # 8 images x 3x3 patches, d_model
+        torch.Size([72, 128])
     """
     if positions not in ("image", "text", "all"):
         raise ValueError(f"positions={positions!r}; use 'image', 'text' or 'all'.")
@@ -106,8 +108,10 @@ def train_sae(model: Any, items: Sequence[Any], hook_name: str, *, d_sae: int, k
     batches) and folds the scale into the weights at the end, so the SAE takes raw activations.
 
     Example:
-        >>> sae = train_sae(model, organism.ShapesDataset("train", size=2000), "blocks.1.hook_resid_post",
-        ...                 d_sae=256, training_samples=100_000)  # doctest: +SKIP
+        >>> sae = train_sae(model, list(organism.ShapesDataset("train", size=8)), "blocks.1.hook_resid_post",
+        ...                 d_sae=32, training_samples=512, batch_size=64, out="my_sae")
+        >>> sae.cfg.d_in, sae.cfg.d_sae, sae.cfg.metadata.hook_name
+        (128, 32, 'blocks.1.hook_resid_post')
     """
     if (k is None) == (l1_coefficient is None):
         raise ValueError(f"give exactly one of k (TopK SAE) and l1_coefficient (ReLU SAE with L1); got k={k}, "
