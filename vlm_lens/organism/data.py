@@ -22,7 +22,7 @@ keeps the scenes that hash to it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -214,8 +214,9 @@ def make_item(split: str, seed: int, index: int, n_objects: int | None = None) -
     return ShapesItem(image, prompt_for(question), question, answer, kind, objects, target_mask)
 
 
-class ShapesDataset:
-    """``size`` deterministic items of ``split`` ("train" or "test") for ``seed``.
+class ShapesDataset(Sequence):
+    """``size`` deterministic items of ``split`` ("train" or "test") for ``seed``; a ``Sequence``, so every
+    function that takes a list of items takes it too.
 
     >>> data = ShapesDataset(split="test", seed=0, size=8)
     >>> data[3].question_type
@@ -234,7 +235,9 @@ class ShapesDataset:
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> ShapesItem:
+    def __getitem__(self, index: int | slice) -> ShapesItem | list[ShapesItem]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.size))]
         if not -self.size <= index < self.size:
             raise IndexError(f"index {index} out of range for a dataset of size {self.size}")
         return make_item(self.split, self.seed, index % self.size, self.n_objects)
