@@ -59,13 +59,16 @@ def make_tokenizer(bos: bool = True) -> PreTrainedTokenizerFast:
                                    unk_token="<unk>", additional_special_tokens=SPECIAL[5:] + ROW_COL + ["<image>"])
 
 
-def tiny_config(smolvlm: bool = False, **overrides):
-    """initializer_range=0.1 (HF: 0.02) so that positions, masks and tiles move the logits well above ATOL."""
+def tiny_config(smolvlm: bool = False, text: dict | None = None, vision: dict | None = None, **overrides):
+    """initializer_range=0.1 (HF: 0.02) so that positions, masks and tiles move the logits well above ATOL.
+    ``text``, ``vision``: overrides of the text and vision configs; ``overrides``: of the top-level config."""
+    text_overrides, vision_overrides = text or {}, vision or {}
     text = dict(model_type="llama", vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1, tie_word_embeddings=smolvlm)
     vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=TILE,
                   patch_size=PATCH, initializer_range=0.1)
+    text, vision = {**text, **text_overrides}, {**vision, **vision_overrides}
     cls = SmolVLMConfig if smolvlm else Idefics3Config
     kwargs = dict(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN_ID, scale_factor=SCALE,
                   tie_word_embeddings=smolvlm)
@@ -78,25 +81,30 @@ def make_hf(config, seed: int = 0):
     return randomise_constants(cls(config))
 
 
-def make_processor(smolvlm: bool = False, resample: int | None = None):
-    """The checkpoint's processor with the PIL image processor (``resample``: a PIL filter id; HF's: Lanczos)."""
-    kwargs = dict(size={"longest_edge": 2 * TILE}, max_image_size={"longest_edge": TILE})
+def make_processor(smolvlm: bool = False, resample: int | None = None, tile: int = TILE, longest_edge: int = 2 * TILE,
+                   image_seq_len: int = TOKENS_PER_TILE):
+    """The checkpoint's processor with the PIL image processor (``resample``: a PIL filter id; HF's: Lanczos).
+    Images are resized to ``longest_edge`` px and cut into ``tile``-px crops of ``image_seq_len`` tokens each."""
+    kwargs = dict(size={"longest_edge": longest_edge}, max_image_size={"longest_edge": tile})
     if resample is not None:
         kwargs["resample"] = resample
     if smolvlm:
         return SmolVLMImagesOnlyProcessor(SmolVLMImageProcessorPil(**kwargs), make_tokenizer(bos=False),
-                                          image_seq_len=TOKENS_PER_TILE, chat_template=CHAT_TEMPLATE)
+                                          image_seq_len=image_seq_len, chat_template=CHAT_TEMPLATE)
     return Idefics3ImagesOnlyProcessor(Idefics3ImageProcessorPil(**kwargs), make_tokenizer(),
-                                       image_seq_len=TOKENS_PER_TILE, chat_template=CHAT_TEMPLATE)
+                                       image_seq_len=image_seq_len, chat_template=CHAT_TEMPLATE)
 
 
-def save_model(tmp_path: Path, config=None, seed: int = 0, resample: int | None = None):
-    """Save a seeded HF model and its processor as a hub checkpoint looks; returns (path, hf_model)."""
+def save_model(tmp_path: Path, config=None, seed: int = 0, resample: int | None = None, longest_edge: int = 2 * TILE):
+    """Save a seeded HF model and its processor as a hub checkpoint looks; returns (path, hf_model). The
+    processor's tiles and tokens per tile follow the config's ``vision_config.image_size`` and pixel shuffle."""
     config = config or tiny_config()
     smolvlm = isinstance(config, SmolVLMConfig)
     model = make_hf(config, seed)
     model.save_pretrained(tmp_path)
-    make_processor(smolvlm, resample).save_pretrained(tmp_path)
+    tile = config.vision_config.image_size
+    seq_len = (tile // config.vision_config.patch_size // config.scale_factor) ** 2
+    make_processor(smolvlm, resample, tile, longest_edge, seq_len).save_pretrained(tmp_path)
     name = "SmolVLM" if smolvlm else "Idefics3"
     cfg_file = tmp_path / "processor_config.json"
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "processor_class": f"{name}Processor"}))

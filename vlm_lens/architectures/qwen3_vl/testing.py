@@ -10,7 +10,9 @@ the PIL image processor (no torchvision) and the tokenizer of ``qwen2_5_vl.testi
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -27,10 +29,11 @@ from vlm_lens.architectures.qwen2_5_vl.testing import (
     make_tokenizer,
 )
 from vlm_lens.architectures.qwen3_vl.processor import Qwen3VLImageProcessor
-from vlm_lens.testing import VOCAB_SIZE, randomise_constants, seeded_image
+from vlm_lens.testing import VOCAB_SIZE, Case, draw_inputs, draw_text, randomise_constants, seeded_image
 
 __all__ = ["ATOL", "CHAT_TEMPLATE", "IMAGE", "IMAGE_TOKEN_ID", "PROMPTS", "SIZES", "VISION_END_ID",
-           "VISION_START_ID", "hf_inputs", "image", "make_hf", "make_processor", "save_qwen3", "tiny_qwen3_config"]
+           "VISION_START_ID", "case_strategy", "hf_inputs", "image", "make_hf", "make_processor", "save_qwen3",
+           "tiny_qwen3_config"]
 
 # Two images in the first prompt, one in the second: the batch is padded on the left.
 PROMPTS = [f"USER : {IMAGE} and {IMAGE} what is this ? ASSISTANT :", f"USER : {IMAGE} describe ASSISTANT :"]
@@ -45,13 +48,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_qwen3_config(**vision_overrides) -> Qwen3VLConfig:
-    """initializer_range=0.1 (HF: 0.02) so that positions and deepstack move the logits far above ATOL."""
+def tiny_qwen3_config(text_overrides: dict | None = None, **vision_overrides) -> Qwen3VLConfig:
+    """initializer_range=0.1 (HF: 0.02) so that positions and deepstack move the logits far above ATOL.
+    ``text_overrides``: overrides of the text config."""
     text = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                 rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.1,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
                                  "mrope_interleaved": True})
+    text.update(text_overrides or {})
     vision = dict(depth=3, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=PATCH,
                   spatial_merge_size=MERGE, temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=16,
                   deepstack_visual_indexes=[0, 1], hidden_act="gelu_pytorch_tanh", initializer_range=0.1)
@@ -93,3 +98,39 @@ def hf_inputs(inputs) -> dict:
     return dict(input_ids=inputs.tokens, attention_mask=inputs.attention_mask, pixel_values=inputs.pixel_values,
                 image_grid_thw=inputs.extras["image_grid_thw"],
                 mm_token_type_ids=(inputs.tokens == IMAGE_TOKEN_ID).long())
+
+
+def case_strategy() -> Any:
+    """Hypothesis strategy over tiny Qwen3-VL configurations and inputs (``vlm_lens.testing.Case``).
+
+    Varies the Qwen3 LM's width, depth (1-3), grouped-query ratio, head width (independent of width / heads)
+    and interleaved M-RoPE sections (any split, empty sections included), the tower's depth, width and heads,
+    the learned position table's side (1-6, resampled to every grid) and which blocks feed deepstack (an
+    increasing subset, no more than the LM has layers); inputs: 1-2 prompts of 1-2 images, each of any size and
+    aspect ratio in 8-48 px, left or right padding, float32 or bfloat16.
+    """
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw: Any) -> Case:
+        text = draw_text(draw)
+        text["num_hidden_layers"] = draw(st.integers(1, 3))
+        text["head_dim"] = draw(st.sampled_from([4, 8, 16]))
+        half = text["head_dim"] // 2  # rotary frequencies per head
+        frames = draw(st.integers(0, half))
+        rows = draw(st.integers(0, half - frames))
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_interleaved": True,
+                                   "mrope_section": [frames, rows, half - frames - rows]}
+        text["intermediate_size"] = 2 * text["hidden_size"]
+        depth = draw(st.integers(1, 3))
+        deepstack = draw(st.lists(st.integers(0, depth - 1), max_size=min(depth, text["num_hidden_layers"]),
+                                  unique=True))
+        width = draw(st.sampled_from([16, 32]))
+        vision = dict(depth=depth, hidden_size=width, intermediate_size=2 * width,
+                      num_heads=draw(st.sampled_from([1, 2, 4])),
+                      num_position_embeddings=draw(st.integers(1, 6)) ** 2, deepstack_visual_indexes=sorted(deepstack))
+        config = tiny_qwen3_config(text, **vision, out_hidden_size=text["hidden_size"])
+        return Case(family="qwen3_vl", choices=dict(text=text, vision=vision), **draw_inputs(draw, IMAGE),
+                    save=partial(save_qwen3, config=config), hf_inputs=hf_inputs)
+
+    return cases()
