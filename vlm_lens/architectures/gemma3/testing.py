@@ -11,14 +11,24 @@ processor, saved as on the hub (``processor_config.json`` + ``preprocessor_confi
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, PreTrainedTokenizerFast
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
 from vlm_lens.architectures.gemma3.processor import Gemma3FlatProcessor
-from vlm_lens.testing import VOCAB_SIZE, WORDS, randomise_constants, seeded_image
+from vlm_lens.testing import (
+    VOCAB_SIZE,
+    WORDS,
+    Case,
+    draw_inputs,
+    draw_text,
+    randomise_constants,
+    seeded_image,
+)
 
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<image_soft_token>", "<unk>", "<start_of_image>", "<end_of_image>",
            "<start_of_turn>", "<end_of_turn>", "\n\n", "user", "model"]
@@ -53,8 +63,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_gemma3_config(**text_overrides) -> Gemma3Config:
-    """initializer_range=0.1 (HF: 0.02), so that the image-block mask moves the logits far above ATOL."""
+def tiny_gemma3_config(vision: dict | None = None, tokens: int = TOKENS, **text_overrides) -> Gemma3Config:
+    """initializer_range=0.1 (HF: 0.02), so that the image-block mask moves the logits far above ATOL.
+    ``vision``: overrides of the vision config; ``tokens``: image tokens per image (a square number)."""
     text = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
                 rms_norm_eps=1e-6, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
@@ -63,9 +74,9 @@ def tiny_gemma3_config(**text_overrides) -> Gemma3Config:
                                  "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}},
                 pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID, initializer_range=0.1)
     text.update(text_overrides)
-    vision = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=TILE,
-                  patch_size=PATCH, vision_use_head=False, layer_norm_eps=1e-6)
-    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=TOKENS,
+    vision = {**dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=TILE,
+                     patch_size=PATCH, vision_use_head=False, layer_norm_eps=1e-6), **(vision or {})}
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens,
                         image_token_index=IMAGE_TOKEN_ID, boi_token_index=BOI_ID, eoi_token_index=EOI_ID)
 
 
@@ -77,16 +88,16 @@ def make_hf(config: Gemma3Config | None = None, seed: int = 0) -> Gemma3ForCondi
     return randomise_constants(model)
 
 
-def make_processor() -> Gemma3FlatProcessor:
-    image_processor = Gemma3ImageProcessorPil(size={"height": TILE, "width": TILE})
-    return Gemma3FlatProcessor(image_processor, make_tokenizer(), chat_template=CHAT_TEMPLATE, image_seq_length=TOKENS)
+def make_processor(tile: int = TILE, tokens: int = TOKENS) -> Gemma3FlatProcessor:
+    image_processor = Gemma3ImageProcessorPil(size={"height": tile, "width": tile})
+    return Gemma3FlatProcessor(image_processor, make_tokenizer(), chat_template=CHAT_TEMPLATE, image_seq_length=tokens)
 
 
 def save_gemma3(tmp_path: Path, config: Gemma3Config | None = None, seed: int = 0):
     """Save a seeded HF model and its processor as on the hub; returns (path, hf_model)."""
     model = make_hf(config, seed)
     model.save_pretrained(tmp_path)
-    make_processor().save_pretrained(tmp_path)
+    make_processor(model.config.vision_config.image_size, model.config.mm_tokens_per_image).save_pretrained(tmp_path)
     # as on the hub: the stock processor class, the image processor in its own preprocessor_config.json
     cfg_file = tmp_path / "processor_config.json"
     settings = json.loads(cfg_file.read_text())
@@ -105,3 +116,38 @@ def hf_inputs(inputs) -> dict:
     """HF forward/generate arguments for a ``VLMInputs``; token_type_ids switch on HF's image-block mask."""
     return dict(input_ids=inputs.tokens, attention_mask=inputs.attention_mask, pixel_values=inputs.pixel_values,
                 token_type_ids=(inputs.tokens == IMAGE_TOKEN_ID).long())
+
+
+def case_strategy() -> Any:
+    """Hypothesis strategy over tiny Gemma 3 configurations and inputs (``vlm_lens.testing.Case``).
+
+    Varies the LM's width, depth, grouped-query ratio, head width and attention scale, each layer's type (local
+    or global), the sliding window (1-10 tokens, shorter or longer than an image), the global layers' linear
+    rope scaling and a ``final_logit_softcapping`` (which the vision-language model ignores); the tower's depth
+    and width, its patch size and the pooling to 1-36 image tokens; inputs: 1-2 prompts of 1-2 images of any
+    aspect ratio (each stretched onto the tile), left or right padding, float32 or bfloat16.
+    """
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw: Any) -> Case:
+        text = draw_text(draw)
+        n_layers = draw(st.integers(1, 3))
+        text.update(
+            num_hidden_layers=n_layers, intermediate_size=2 * text["hidden_size"],
+            head_dim=draw(st.sampled_from([8, 16])), query_pre_attn_scalar=draw(st.sampled_from([8, 24])),
+            layer_types=draw(st.lists(st.sampled_from(["sliding_attention", "full_attention"]),
+                                      min_size=n_layers, max_size=n_layers)),
+            sliding_window=draw(st.integers(1, 10)), final_logit_softcapping=draw(st.sampled_from([None, 2.0])),
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "linear", "factor": draw(st.sampled_from([1.0, 8.0])),
+                                                "rope_theta": 1e6}})
+        patch = draw(st.sampled_from([4, 8]))  # a 6x6 or 3x3 patch grid on the 24-px tile
+        side = draw(st.sampled_from([d for d in (1, 2, 3, 6) if (TILE // patch) % d == 0]))
+        vision = dict(hidden_size=draw(st.sampled_from([16, 24])), num_hidden_layers=draw(st.integers(1, 2)),
+                      num_attention_heads=draw(st.sampled_from([1, 2])), patch_size=patch)
+        config = tiny_gemma3_config(dict(vision, intermediate_size=2 * vision["hidden_size"]), side**2, **text)
+        return Case(family="gemma3", choices=dict(text=text, vision=vision, mm_tokens_per_image=side**2),
+                    **draw_inputs(draw, BOI), save=partial(save_gemma3, config=config), hf_inputs=hf_inputs)
+
+    return cases()

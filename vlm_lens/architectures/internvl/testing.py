@@ -11,14 +11,24 @@ processor config (which needs torchvision).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration, PreTrainedTokenizerFast
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from vlm_lens.architectures.internvl.processor import InternVLImagesOnlyProcessor
-from vlm_lens.testing import WORDS, randomise_constants, seeded_image
+from vlm_lens.testing import (
+    WORDS,
+    Case,
+    draw_feature_layer,
+    draw_inputs,
+    draw_text,
+    randomise_constants,
+    seeded_image,
+)
 
 IMAGE, START, END, VIDEO = "<IMG_CONTEXT>", "<img>", "</img>", "<video>"
 SPECIAL = ["<pad>", "<s>", "</s>", IMAGE, "<unk>", START, END, VIDEO]
@@ -74,20 +84,25 @@ def make_hf(config: InternVLConfig, seed: int = 0) -> InternVLForConditionalGene
                                names=("norm", "lambda_", "cls_token", "position_embeddings"))
 
 
-def make_processor(resample: int | None = None) -> InternVLImagesOnlyProcessor:
-    """The checkpoint's processor with the PIL image processor (``resample``: a PIL filter id; HF's: bicubic)."""
-    kwargs = dict(size={"height": TILE, "width": TILE}, max_patches=4)
+def make_processor(resample: int | None = None, tokens_per_tile: int = TOKENS_PER_TILE,
+                   max_patches: int = 4) -> InternVLImagesOnlyProcessor:
+    """The checkpoint's processor with the PIL image processor (``resample``: a PIL filter id; HF's: bicubic;
+    ``max_patches``: the most crops an image is cut into, besides its thumbnail)."""
+    kwargs = dict(size={"height": TILE, "width": TILE}, max_patches=max_patches)
     if resample is not None:
         kwargs["resample"] = resample
     return InternVLImagesOnlyProcessor(GotOcr2ImageProcessorPil(**kwargs), make_tokenizer(),
-                                       image_seq_length=TOKENS_PER_TILE, chat_template=CHAT_TEMPLATE)
+                                       image_seq_length=tokens_per_tile, chat_template=CHAT_TEMPLATE)
 
 
-def save_model(tmp_path: Path, config: InternVLConfig | None = None, seed: int = 0, resample: int | None = None):
+def save_model(tmp_path: Path, config: InternVLConfig | None = None, seed: int = 0, resample: int | None = None,
+               max_patches: int = 4):
     """Save a seeded HF model and its processor as a hub checkpoint looks; returns (path, hf_model)."""
     model = make_hf(config or tiny_config(), seed)
     model.save_pretrained(tmp_path)
-    make_processor(resample).save_pretrained(tmp_path)
+    vision = model.config.vision_config
+    side = round(vision.image_size[0] // vision.patch_size[0] * model.config.downsample_ratio)
+    make_processor(resample, side**2, max_patches).save_pretrained(tmp_path)
     # as on the hub: the image processor's settings apart (the fast class, which needs torchvision), the stock
     # processor class, and a video processor config (which needs torchvision too)
     cfg_file = tmp_path / "processor_config.json"
@@ -110,3 +125,39 @@ def hf_inputs(inputs, padded: bool = True) -> dict:
     if padded:
         kwargs["position_ids"] = (inputs.attention_mask.cumsum(-1) - 1).clamp(min=0)
     return kwargs
+
+
+def case_strategy() -> Any:
+    """Hypothesis strategy over tiny InternVL configurations and inputs (``vlm_lens.testing.Case``).
+
+    Varies the LM (Qwen2 or Llama), its width, depth, grouped-query ratio and tied embeddings; InternViT's
+    depth, width, heads, norm (LayerNorm or RMSNorm), qk-norm, q/k/v bias, final norm (``use_mean_pooling``)
+    and the layer read; the pixel shuffle (none or 2x2: 16 or 4 tokens a tile), the projector's activation and
+    the most crops per image (1-6, plus a thumbnail); inputs: 1-2 prompts of 1-2 images of any size and aspect
+    ratio in 8-48 px (one tile or a grid of crops), left or right padding, float32 or bfloat16.
+    """
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw: Any) -> Case:
+        text = draw_text(draw)
+        text.update(model_type=draw(st.sampled_from(["qwen2", "llama"])), intermediate_size=2 * text["hidden_size"],
+                    tie_word_embeddings=draw(st.booleans()))
+        depth = draw(st.integers(1, 3))
+        hidden = draw(st.sampled_from([16, 32]))
+        vision = dict(num_hidden_layers=depth, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_attention_heads=draw(st.sampled_from([1, 2, 4])),
+                      norm_type=draw(st.sampled_from(["layer_norm", "rms_norm"])), use_qk_norm=draw(st.booleans()),
+                      attention_bias=draw(st.booleans()), use_mean_pooling=draw(st.booleans()))
+        top = dict(vision_feature_layer=draw_feature_layer(draw, depth, allow_list=False),
+                   downsample_ratio=draw(st.sampled_from([1.0, 0.5])),
+                   projector_hidden_act=draw(st.sampled_from(["gelu", "silu"])))
+        max_patches = draw(st.integers(1, 6))
+        config = tiny_config(text, **vision)
+        for key, value in dict(top, image_seq_length=round(TILE // PATCH * top["downsample_ratio"]) ** 2).items():
+            setattr(config, key, value)
+        return Case(family="internvl", choices=dict(text=text, vision=vision, **top, max_patches=max_patches),
+                    **draw_inputs(draw, IMAGE), save=partial(save_model, config=config, max_patches=max_patches),
+                    hf_inputs=hf_inputs)
+
+    return cases()
