@@ -47,9 +47,9 @@ def real_tiles(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None, patc
         tiles = flat[real]
         if pixel_mask is not None:
             if tuple(pixel_mask.shape) != (batch, slots, *pixel_values.shape[-2:]):
-                raise ValueError(f"pixel_attention_mask has shape {tuple(pixel_mask.shape)}, but pixel_values "
-                                 f"{tuple(pixel_values.shape)} needs [{batch}, {slots}, "
-                                 f"{pixel_values.shape[-2]}, {pixel_values.shape[-1]}]; pass both from one processor call.")
+                raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, but pixel_attention_mask has "
+                                 f"shape {tuple(pixel_mask.shape)}, not [{batch}, {slots}, {pixel_values.shape[-2]}, "
+                                 f"{pixel_values.shape[-1]}]; pass both from one processor call.")
             pixel_mask = pixel_mask.flatten(0, 1)[real.to(pixel_mask.device)]
     elif pixel_values.ndim == 4:
         tiles = pixel_values
