@@ -58,7 +58,7 @@ def test_random_configs_match_hf_and_survive_bad_inputs(spec):
             with torch.no_grad():
                 logits = model(inputs)
             assert_matches_hf(logits, hf, case, inputs)
-            assert_clean_after_bad_inputs(model, inputs, logits)
+            assert_clean_after_bad_inputs(model, inputs, logits, case)
 
     check()
 
@@ -76,14 +76,14 @@ def assert_matches_hf(logits, hf, case, inputs):
     cannot flip it."""
     real = inputs.attention_mask.bool()
     with torch.no_grad():
-        ref = hf(**case.hf_inputs(inputs)).logits[real]
+        ref = case.reference_logits(hf, inputs)[real]
     ours = logits[real]
     if case.dtype == torch.float32:
         diff = (ours - ref).abs().max().item()
         assert diff <= ATOL, f"max |logit - HF| = {diff:.2e} at real positions (float32, atol {ATOL})"
         return
     with torch.no_grad():
-        hf_low = hf.to(case.dtype)(**case.hf_inputs(inputs)).logits[real]
+        hf_low = case.reference_logits(hf.to(case.dtype), inputs)[real]
     ref, ours, hf_low = (x.float().log_softmax(-1) for x in (ref, ours, hf_low))
     noise = (hf_low - ref).abs().max().item()
     bound = bf16_bound(noise)
@@ -113,18 +113,18 @@ def bf16_bound(noise: float) -> float:
 
 
 # ----------------------------------------------------------------------------------- bad inputs
-def _without_last_image_tokens(inputs):
+def _without_last_image_tokens(inputs, case):
     """One image's tokens become text: one image too many for the placeholders."""
-    span = inputs.layout.spans[-1]
+    row, start, end = case.last_image_positions(inputs)
     tokens = inputs.tokens.clone()
-    tokens[span.batch, span.start:span.end] = TEXT_TOKEN
+    tokens[row, start:end] = TEXT_TOKEN
     return replace(inputs, tokens=tokens)
 
 
-BAD_INPUTS = {  # what -> (make it from good inputs, what the ValueError says)
-    "pixel_values of the wrong shape": (lambda inputs: replace(inputs, pixel_values=inputs.pixel_values[..., :-1]),
+BAD_INPUTS = {  # what -> (make it from good inputs and the case, what the ValueError says)
+    "pixel_values of the wrong shape": (lambda inputs, case: replace(inputs, pixel_values=inputs.pixel_values[..., :-1]),
                                         "pixel_values has shape"),
-    "image tokens without pixel_values": (lambda inputs: replace(inputs, pixel_values=None), "no pixel_values"),
+    "image tokens without pixel_values": (lambda inputs, case: replace(inputs, pixel_values=None), "no pixel_values"),
     "one image too many for the image tokens": (_without_last_image_tokens, "image token"),
 }
 
@@ -134,11 +134,11 @@ def hooks_left(model) -> list[str]:
             if hp.fwd_hooks or hp.bwd_hooks or hp._forward_hooks or hp._backward_hooks]
 
 
-def assert_clean_after_bad_inputs(model, inputs, logits):
+def assert_clean_after_bad_inputs(model, inputs, logits, case):
     """Each bad call raises a ValueError before anything runs, leaves no hook and no call state behind,
     and the next good call gives bit-identical logits."""
     for what, (make_bad, says) in BAD_INPUTS.items():
-        bad, fired = make_bad(inputs), []
+        bad, fired = make_bad(inputs, case), []
         hooks = [(name, lambda value, hook: fired.append(hook.name)) for name in ("hook_embed", "hook_image_features")]
         with pytest.raises(ValueError, match=says):
             model.run_with_hooks(bad, fwd_hooks=hooks)

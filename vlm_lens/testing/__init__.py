@@ -139,9 +139,28 @@ class Case:
     dtype: torch.dtype
     save: Callable = field(repr=False)  # (folder: Path) -> (folder, hf_model)
     hf_inputs: Callable = field(repr=False)  # (VLMInputs) -> HF forward kwargs
+    # (hf_model, VLMInputs) -> HF's [batch, pos, vocab] logits, for a family whose batch rows equal HF run row by
+    # row rather than HF's own batched call (Mllama); None: ``hf(**hf_inputs(inputs)).logits``
+    hf_logits: Callable | None = field(default=None, repr=False)
+    # (VLMInputs) -> (row, start, end) of the sequence positions that stand for the last image, for a family whose
+    # layout is not on the sequence (Mllama: keys); None: the last layout span
+    last_image_tokens: Callable | None = field(default=None, repr=False)
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # hypothesis's report: the repr, not the config
         printer.text(repr(self))
+
+    def reference_logits(self, hf: Any, inputs: Any) -> torch.Tensor:
+        """HF's logits for the prepared inputs, as the family's batch semantics define them."""
+        if self.hf_logits is not None:
+            return self.hf_logits(hf, inputs)
+        return hf(**self.hf_inputs(inputs)).logits
+
+    def last_image_positions(self, inputs: Any) -> tuple[int, int, int]:
+        """(row, start, end): the token positions of the last image in the prepared inputs."""
+        if self.last_image_tokens is not None:
+            return self.last_image_tokens(inputs)
+        span = inputs.layout.spans[-1]
+        return span.batch, span.start, span.end
 
     def images(self) -> list[list[Any]]:
         """Seeded PIL images of the drawn sizes, a different seed for each."""

@@ -9,7 +9,9 @@ the global image, depending on their aspect ratio. Saved as on the hub: the stoc
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -23,7 +25,7 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from vlm_lens.architectures.idefics3.processor import Idefics3ImagesOnlyProcessor, SmolVLMImagesOnlyProcessor
-from vlm_lens.testing import WORDS, randomise_constants, seeded_image
+from vlm_lens.testing import WORDS, Case, draw_inputs, draw_text, randomise_constants, seeded_image
 
 FAKE, GLOBAL = "<fake_token_around_image>", "<global-img>"
 ROW_COL = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
@@ -132,3 +134,36 @@ def hf_inputs(inputs, padded: bool = True) -> dict:
     if padded:
         kwargs["position_ids"] = (inputs.attention_mask.cumsum(-1) - 1).clamp(min=0)
     return kwargs
+
+
+def case_strategy() -> Any:
+    """Hypothesis strategy over tiny Idefics3 configurations and inputs (``vlm_lens.testing.Case``).
+
+    Varies the Llama LM's width, depth and grouped-query ratio, the tower's depth, width, heads, tile size
+    (8 or 16 px) and patch size, the pixel-shuffle factor (1, 2 or 4, up to 16 tokens a tile), the longest
+    edge images are resized to (1 or 2 tiles: the global image alone, or up to 2x2 crops with it); inputs:
+    1-2 prompts of 1-2 images, each of any size and aspect ratio in 8-48 px, left or right padding, float32
+    or bfloat16.
+    """
+    from hypothesis import assume
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw: Any) -> Case:
+        text = draw_text(draw)
+        vision = dict(num_hidden_layers=draw(st.integers(1, 3)), hidden_size=draw(st.sampled_from([16, 32])),
+                      num_attention_heads=draw(st.sampled_from([2, 4])), image_size=draw(st.sampled_from([8, 16])),
+                      patch_size=draw(st.sampled_from([2, 4])))
+        grid = vision["image_size"] // vision["patch_size"]
+        scale = draw(st.sampled_from([s for s in (1, 2, 4) if grid % s == 0]))
+        assume((grid // scale) ** 2 <= 16)  # image tokens a tile
+        longest_edge = draw(st.sampled_from([1, 2])) * vision["image_size"]  # the global image only, or 2x2 crops
+        choices = dict(text=text, vision=vision, scale_factor=scale, longest_edge=longest_edge)
+        base = tiny_config()
+        text_config = {**base.text_config.to_dict(), **text, "intermediate_size": 2 * text["hidden_size"]}
+        vision_config = {**base.vision_config.to_dict(), **vision, "intermediate_size": 2 * vision["hidden_size"]}
+        config = tiny_config(text_config=text_config, vision_config=vision_config, scale_factor=scale)
+        return Case(family="idefics3", choices=choices, **draw_inputs(draw, "<image>"),
+                    save=partial(save_model, config=config, longest_edge=longest_edge), hf_inputs=hf_inputs)
+
+    return cases()

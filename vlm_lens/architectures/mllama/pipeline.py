@@ -58,9 +58,10 @@ class MllamaPipeline(ImagePipeline):
             raise ValueError(f"Mllama needs {', '.join(missing)} with pixel_values (the processor's outputs); build "
                              "the input with model.prepare(prompt, images=[...]).")
         v = model.vlm_cfg.vision
-        if pixel_values.ndim != 6 or pixel_values.shape[2] != v.max_tiles:
+        tile = (v.max_tiles, v.n_channels, v.image_size, v.image_size)
+        if pixel_values.ndim != 6 or tuple(pixel_values.shape[2:]) != tile:
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; Mllama takes [batch, max_images, "
-                             f"{v.max_tiles} tiles, channels, height, width] as its processor makes them.")
+                             f"{', '.join(map(str, tile))}] (tiles, channels, height, width) as its processor makes them.")
         ids, armask, xmask = (torch.as_tensor(extras[k]) for k in EXTRAS)
         batch, slots = pixel_values.shape[:2]
         if ids.shape != (batch, slots) or armask.shape != (batch, slots, v.max_tiles) \

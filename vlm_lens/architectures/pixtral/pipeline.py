@@ -79,8 +79,9 @@ class Mistral3Pipeline(ImagePipeline):
         height, width = pixel_values.shape[2:]
         too_big = [tuple(s) for s in sizes.tolist() if s[0] > height or s[1] > width]
         if too_big:
-            raise ValueError(f"image_sizes {too_big} exceed the pixel_values' {height}x{width}; pass image_sizes from "
-                             "the same processor call as pixel_values.")
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}, but image_sizes {too_big} exceed the "
+                             f"pixel_values' {height}x{width}; pass image_sizes from the same processor call as "
+                             "pixel_values.")
         grids = token_grids(sizes, cfg.token_size)
         return ImagePlan(tuple(r * c for r, c in grids), sizes)
 

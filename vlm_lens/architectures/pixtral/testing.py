@@ -10,14 +10,25 @@ processor is ``PixtralImagesProcessor`` over transformers' PIL image processor, 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PreTrainedTokenizerFast
 from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
 from vlm_lens.architectures.pixtral.processor import PixtralImagesProcessor
-from vlm_lens.testing import VOCAB_SIZE, WORDS, randomise_constants, seeded_image
+from vlm_lens.testing import (
+    VOCAB_SIZE,
+    WORDS,
+    Case,
+    draw_feature_layer,
+    draw_inputs,
+    draw_text,
+    randomise_constants,
+    seeded_image,
+)
 
 SPECIAL = ["<pad>", "<s>", "</s>", "[IMG]", "<unk>", "[IMG_BREAK]", "[IMG_END]"]
 PAD_ID, BOS_ID, EOS_ID, IMAGE_TOKEN_ID, _, BREAK_ID, END_ID = range(7)
@@ -65,17 +76,21 @@ def make_hf(config: Mistral3Config | None = None, seed: int = 0) -> Mistral3ForC
     return randomise_constants(Mistral3ForConditionalGeneration(config or tiny_mistral3_config()))
 
 
-def make_processor() -> PixtralImagesProcessor:
-    image_processor = PixtralImageProcessorPil(patch_size={"height": PATCH, "width": PATCH},
-                                               size={"longest_edge": LONGEST})
-    return PixtralImagesProcessor(image_processor, make_tokenizer(), patch_size=PATCH, spatial_merge_size=MERGE)
+def make_processor(config: Mistral3Config | None = None) -> PixtralImagesProcessor:
+    """The processor for ``config``'s patch size, merge size and longest edge (default: the tiny config's)."""
+    config = config or tiny_mistral3_config()
+    patch, longest = config.vision_config.patch_size, config.vision_config.image_size
+    image_processor = PixtralImageProcessorPil(patch_size={"height": patch, "width": patch},
+                                               size={"longest_edge": longest})
+    return PixtralImagesProcessor(image_processor, make_tokenizer(), patch_size=patch,
+                                  spatial_merge_size=config.spatial_merge_size)
 
 
 def save_mistral3(tmp_path: Path, config: Mistral3Config | None = None, seed: int = 0):
     """Save a seeded HF model and its processor as on the hub; returns (path, hf_model)."""
     model = make_hf(config, seed)
     model.save_pretrained(tmp_path)
-    make_processor().save_pretrained(tmp_path)
+    make_processor(model.config).save_pretrained(tmp_path)
     # as on the hub (Mistral-Small-3.1, Pixtral-12B): the image processor in its own preprocessor_config.json
     processor_file = tmp_path / "processor_config.json"
     settings = json.loads(processor_file.read_text())
@@ -93,3 +108,42 @@ def hf_inputs(inputs) -> dict:
     """HF forward/generate arguments for a ``VLMInputs``."""
     return dict(input_ids=inputs.tokens, attention_mask=inputs.attention_mask, pixel_values=inputs.pixel_values,
                 image_sizes=inputs.extras["image_sizes"])
+
+
+def case_strategy() -> Any:
+    """Hypothesis strategy over tiny Mistral 3 configurations and inputs (``vlm_lens.testing.Case``).
+
+    Varies the Mistral LM's width, depth, grouped-query ratio and head size (equal to hidden / heads or not),
+    the Pixtral tower's depth, width, heads, patch size and longest edge (16 or 32 px), the feature layer,
+    the patch merger (1x1 or 2x2) and the projector bias; inputs: 1-2 prompts of 1-2 images, each of any
+    size and aspect ratio in 16-48 px (resized to the longest edge, in whole tokens), left or right padding,
+    float32 or bfloat16.
+
+    Images start at 16 px: transformers' Mistral 3 fails on a batch whose images make one token in all
+    (``get_image_features`` squeezes the [1, dim] features to [dim], then cannot split them per image).
+    """
+    from hypothesis import assume
+    from hypothesis import strategies as st
+
+    @st.composite
+    def cases(draw: Any) -> Case:
+        text = draw_text(draw)
+        text["head_dim"] = draw(st.sampled_from([8, 16]))
+        vision = dict(num_hidden_layers=draw(st.integers(1, 3)), hidden_size=draw(st.sampled_from([16, 32])),
+                      num_attention_heads=draw(st.sampled_from([2, 4])), patch_size=draw(st.sampled_from([2, 4])),
+                      image_size=draw(st.sampled_from([16, 32])))
+        merge = draw(st.sampled_from([1, 2]))
+        assume(vision["image_size"] // (vision["patch_size"] * merge) <= 8)  # up to 8x8 tokens an image
+        choices = dict(text=text, vision=vision, spatial_merge_size=merge,
+                       vision_feature_layer=draw_feature_layer(draw, vision["num_hidden_layers"], allow_list=False),
+                       multimodal_projector_bias=draw(st.booleans()))
+        base = tiny_mistral3_config()
+        text_config = {**base.text_config.to_dict(), **text, "intermediate_size": 2 * text["hidden_size"]}
+        vision_config = {**base.vision_config.to_dict(), **vision, "intermediate_size": 2 * vision["hidden_size"],
+                         "head_dim": vision["hidden_size"] // vision["num_attention_heads"]}
+        config = tiny_mistral3_config(text_config=text_config, vision_config=vision_config,
+                                      **{k: v for k, v in choices.items() if k not in ("text", "vision")})
+        return Case(family="pixtral", choices=choices, **draw_inputs(draw, "[IMG]", size_range=(16, 48)),
+                    save=partial(save_mistral3, config=config), hf_inputs=hf_inputs)
+
+    return cases()
