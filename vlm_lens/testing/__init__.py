@@ -214,3 +214,21 @@ def padded_hf_inputs(inputs: Any) -> dict:
     first column, so padded rows get explicit ``position_ids``."""
     return dict(input_ids=inputs.tokens, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask,
                 position_ids=(inputs.attention_mask.cumsum(-1) - 1).clamp(min=0), **inputs.extras)
+
+
+def assert_language_model_matches_hf(model, cache, logits, hidden_states, hf_logits, mask, atol: float = 1e-4) -> None:
+    """The merged embeddings, every ``resid_post`` and the logits equal HF's at the positions in ``mask``
+    ([batch, pos] bool: the real tokens). ``hidden_states``: HF's ``output_hidden_states`` (the last one is
+    after the final norm, so the last block is compared through ``model.ln_final``)."""
+    from vlm_lens.hook_names import act_name
+
+    def worst(ours: torch.Tensor, ref: torch.Tensor) -> float:
+        return float((ours[mask] - ref[mask]).abs().max())
+
+    assert worst(cache["hook_embed"], hidden_states[0]) <= atol, "hook_embed"
+    n = model.cfg.n_layers
+    for layer in range(n - 1):
+        diff = worst(cache[act_name("resid_post", layer)], hidden_states[layer + 1])
+        assert diff <= atol, (act_name("resid_post", layer), diff)
+    assert worst(model.ln_final(cache[act_name("resid_post", n - 1)]), hidden_states[-1]) <= atol, "ln_final"
+    assert worst(logits, hf_logits) <= atol, "logits"

@@ -36,7 +36,7 @@ from vlm_lens.architectures.pixtral.testing import (
     tiny_mistral3_config,
 )
 from vlm_lens.inputs import inputs_from_tokens
-from vlm_lens.testing import assert_hooks_live
+from vlm_lens.testing import assert_hooks_live, assert_language_model_matches_hf
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +112,8 @@ def test_language_model_parity(model, hf, batch):
     with torch.no_grad():
         ref = hf(**hf_inputs(batch), output_hidden_states=True)
         logits, cache = model.run_with_cache(batch)
-    assert real(cache["hook_embed"] - ref.hidden_states[0], batch).abs().max() <= ATOL
-    n = model.cfg.n_layers
-    for layer in range(n - 1):
-        assert real(cache[f"blocks.{layer}.hook_resid_post"] - ref.hidden_states[layer + 1], batch).abs().max() <= ATOL
-    last = model.ln_final(cache[f"blocks.{n - 1}.hook_resid_post"])
-    assert real(last - ref.hidden_states[-1], batch).abs().max() <= ATOL
-    assert real(logits - ref.logits, batch).abs().max() <= ATOL
+    assert_language_model_matches_hf(model, cache, logits, ref.hidden_states, ref.logits, batch.attention_mask.bool(),
+                                     ATOL)
 
 
 def test_tensors_by_hand_equal_hf(model, hf, batch):

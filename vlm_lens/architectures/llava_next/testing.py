@@ -35,6 +35,7 @@ from vlm_lens.testing import (
     TEXT_CONFIGS,
     VOCAB_SIZE,
     Case,
+    assert_language_model_matches_hf,
     draw_feature_layer,
     draw_inputs,
     draw_text,
@@ -172,13 +173,7 @@ def assert_stages_match(model, hf, inputs, padded=False):
     real = inputs.attention_mask.bool()
     assert (cache["hook_image_features"] - feats).abs().max() <= ATOL
     assert (cache["hook_image_embeds"] - packed).abs().max() <= ATOL
-    assert (cache["hook_embed"][real] - out.hidden_states[0][real]).abs().max() <= ATOL
-    n = model.cfg.n_layers
-    for layer in range(n - 1):
-        assert (cache[f"blocks.{layer}.hook_resid_post"][real] - out.hidden_states[layer + 1][real]).abs().max() <= ATOL
-    last = model.ln_final(cache[f"blocks.{n - 1}.hook_resid_post"])
-    assert (last[real] - out.hidden_states[-1][real]).abs().max() <= ATOL
-    assert (logits[real] - out.logits[real]).abs().max() <= ATOL
+    assert_language_model_matches_hf(model, cache, logits, out.hidden_states, out.logits, real, ATOL)
 
 
 def changed_tokens(model, img, box):
