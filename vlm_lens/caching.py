@@ -29,10 +29,15 @@ full activation's memory (a slice that is a view is copied).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformer_lens.utilities import Slice
+
+from vlm_lens.inputs import VLMInputs
+
+if TYPE_CHECKING:
+    from vlm_lens.hooked_vlm import HookedVLM
 
 LM_HOOK_PREFIXES = ("hook_embed", "hook_pos_embed", "blocks.", "ln_final.", "unembed.")
 _QUERY_FIRST = ("hook_attn_scores", "hook_pattern")
@@ -113,4 +118,42 @@ def unwrap_pos_slice(pos_slice: Any) -> Slice | None:
     return None if pos_slice is None else Slice.unwrap(pos_slice)
 
 
-__all__ = ["filtered_caching_hooks", "is_sequence_hook", "names_filter_fn", "position_dim", "unwrap_pos_slice"]
+def run_with_filtered_cache(model: HookedVLM, model_args: tuple, image_tokens_only: bool, kwargs: dict) -> Any:
+    """``HookedVLM.run_with_cache`` with ``pos_slice`` or ``image_tokens_only``: slicing caching hooks."""
+    from transformer_lens.ActivationCache import ActivationCache
+
+    names_filter = kwargs.pop("names_filter", None)
+    device = kwargs.pop("device", None)
+    remove_batch_dim = kwargs.pop("remove_batch_dim", False)
+    pos_slice = unwrap_pos_slice(kwargs.pop("pos_slice", None))
+    return_cache_object = kwargs.pop("return_cache_object", True)
+    for unsupported in ("incl_bwd", "reset_hooks_end", "clear_contexts"):
+        if kwargs.pop(unsupported, None):
+            raise ValueError(f"{unsupported}=True is not supported with pos_slice or image_tokens_only; "
+                             "cache everything and slice afterwards.")
+    image_mask = None
+    if image_tokens_only:
+        if pos_slice is not None or remove_batch_dim:
+            raise ValueError("image_tokens_only=True already picks positions and removes the batch "
+                             "dimension; drop pos_slice / remove_batch_dim.")
+        image_mask = _image_mask_of(model, model_args[0] if model_args else kwargs.get("input"))
+    cache, hooks = filtered_caching_hooks(
+        list(model.hook_dict), names_filter_fn(names_filter), device=device,
+        remove_batch_dim=remove_batch_dim, pos_slice=pos_slice, image_mask=image_mask)
+    with model.hooks(fwd_hooks=hooks):
+        out = model(*model_args, **kwargs)
+    if not return_cache_object:
+        return out, cache
+    return out, ActivationCache(cache, model, has_batch_dim=not (remove_batch_dim or image_tokens_only))
+
+def _image_mask_of(model: HookedVLM, input: Any) -> torch.Tensor:
+    if isinstance(input, VLMInputs):
+        return input.image_mask
+    if torch.is_tensor(input):
+        tokens = input if input.ndim == 2 else input[None]
+        return tokens == model.image_token_id
+    raise ValueError("image_tokens_only=True needs a VLMInputs or a [batch, pos] token tensor as input.")
+
+
+__all__ = ["filtered_caching_hooks", "is_sequence_hook", "names_filter_fn", "position_dim", "run_with_filtered_cache",
+           "unwrap_pos_slice"]

@@ -281,49 +281,14 @@ class HookedVLM(HookedTransformer):
         memory is kept for the next call; see ``vlm_lens.reuse_cache_memory``.
         """
         if image_tokens_only or kwargs.get("pos_slice") is not None:
-            out, cache = self._run_with_filtered_cache(model_args, image_tokens_only, kwargs)
+            from vlm_lens.caching import run_with_filtered_cache
+
+            out, cache = run_with_filtered_cache(self, model_args, image_tokens_only, kwargs)
         else:
             out, cache = super().run_with_cache(*model_args, **kwargs)
         if cache_memory_enabled():
             keep_cache_memory(cpu_bytes(cache.values()))
         return out, cache
-
-    def _run_with_filtered_cache(self, model_args: tuple, image_tokens_only: bool, kwargs: dict) -> Any:
-        from transformer_lens.ActivationCache import ActivationCache
-
-        from vlm_lens.caching import filtered_caching_hooks, names_filter_fn, unwrap_pos_slice
-
-        names_filter = kwargs.pop("names_filter", None)
-        device = kwargs.pop("device", None)
-        remove_batch_dim = kwargs.pop("remove_batch_dim", False)
-        pos_slice = unwrap_pos_slice(kwargs.pop("pos_slice", None))
-        return_cache_object = kwargs.pop("return_cache_object", True)
-        for unsupported in ("incl_bwd", "reset_hooks_end", "clear_contexts"):
-            if kwargs.pop(unsupported, None):
-                raise ValueError(f"{unsupported}=True is not supported with pos_slice or image_tokens_only; "
-                                 "cache everything and slice afterwards.")
-        image_mask = None
-        if image_tokens_only:
-            if pos_slice is not None or remove_batch_dim:
-                raise ValueError("image_tokens_only=True already picks positions and removes the batch "
-                                 "dimension; drop pos_slice / remove_batch_dim.")
-            image_mask = self._image_mask_of(model_args[0] if model_args else kwargs.get("input"))
-        cache, hooks = filtered_caching_hooks(
-            list(self.hook_dict), names_filter_fn(names_filter), device=device,
-            remove_batch_dim=remove_batch_dim, pos_slice=pos_slice, image_mask=image_mask)
-        with self.hooks(fwd_hooks=hooks):
-            out = self(*model_args, **kwargs)
-        if not return_cache_object:
-            return out, cache
-        return out, ActivationCache(cache, self, has_batch_dim=not (remove_batch_dim or image_tokens_only))
-
-    def _image_mask_of(self, input: Any) -> torch.Tensor:
-        if isinstance(input, VLMInputs):
-            return input.image_mask
-        if torch.is_tensor(input):
-            tokens = input if input.ndim == 2 else input[None]
-            return tokens == self.image_token_id
-        raise ValueError("image_tokens_only=True needs a VLMInputs or a [batch, pos] token tensor as input.")
 
     @torch.inference_mode()
     def generate(self, input: Any = "", max_new_tokens: int = 10, **kwargs: Any) -> Any:  # type: ignore[override]
