@@ -9,6 +9,7 @@ import torch
 from vlm_lens import HookedVLM
 from vlm_lens.analysis.ablation import image_ablation_hooks
 from vlm_lens.analysis.logit_lens import logit_lens
+from vlm_lens.analysis.patching import patch_image_positions
 from vlm_lens.architectures.mllama.analysis import (
     cross_knockout_hooks,
     cross_kv,
@@ -213,6 +214,8 @@ def test_patch_image_keys_on_the_grid(model):
     assert (result.values - corrupted_value).abs().max() > 1e-4  # some key moves the metric
     with pytest.raises(ValueError, match="not cross-attention blocks"):
         patch_image_keys(model, clean, corrupted, metric, layers=[0])
+    with pytest.raises(ValueError, match="patch_image_keys"):  # it would patch key indices as sequence positions
+        patch_image_positions(model, clean, corrupted, metric)
     with pytest.raises(ValueError, match="same tiles|same tokens"):
         patch_image_keys(model, clean, model.prepare(prompt, images=[[image((8, 20), 5)]]), metric)
 
@@ -229,6 +232,8 @@ def test_logit_lens_on_text_positions(model, batch):
     # reading the image (rows 0 and 1) moves what the cross-attention block's output predicts
     moved = (result.top_probs[first_cross] - result.top_probs[first_cross - 1]).abs().amax((-1, -2))
     assert (moved[:2] > 1e-4).all()
+    with pytest.raises(ValueError, match="pass text `positions`"):  # the default (image positions) are keys here
+        logit_lens(model, batch)
 
 
 def test_fast_false_equals_hf_and_hooks_live(checkpoint, batch):

@@ -77,7 +77,12 @@ def image_keys(model: Any, inputs: Any, image: int) -> torch.Tensor:
 def key_patch_hooks(clean_kv: dict[str, torch.Tensor], row: int, keys: Any, layers: Sequence[int]
                     ) -> list[tuple[str, Callable]]:
     """Hooks writing the clean ``hook_k`` / ``hook_v`` (``clean_kv``, by hook name) at ``keys`` of batch row
-    ``row`` into a run, in the cross-attention blocks ``layers``."""
+    ``row`` into a run, in the cross-attention blocks ``layers``.
+
+    Example (the hook names it makes):
+        >>> [name for name, _ in key_patch_hooks({}, 0, [5], layers=[3])]
+        ['blocks.3.cross_attn.hook_k', 'blocks.3.cross_attn.hook_v']
+    """
     keys = torch.as_tensor(keys, dtype=torch.long)
 
     def hook(value: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -97,10 +102,11 @@ def patch_image_keys(model: Any, clean: Any, corrupted: Any, metric: Callable, *
     The two inputs must have the same tokens' shape and the image the same tiles (same size); only the
     images may differ. ``layers`` defaults to every cross-attention block.
 
-    Example (``clean``/``corrupted`` from ``model.prepare`` with two images of one size):
-        >>> result = patch_image_keys(model, clean, corrupted, lambda logits: logits[0, -1, 5])  # doctest: +SKIP
-        >>> result.values.shape  # doctest: +SKIP
-        torch.Size([1, 2, 2])
+    Usage (``clean``/``corrupted`` from ``model.prepare`` with two images of one size; the tutorial
+    ``tutorials/cross_attention_mllama.md`` runs it)::
+
+        result = patch_image_keys(model, clean, corrupted, lambda logits: logits[0, -1, answer])
+        result.values.shape  # [len(cross_attention_layers), rows, cols]
     """
     cross = list(model.vlm_cfg.cross_attention_layers)
     layers = cross if layers is None else list(layers)
