@@ -63,6 +63,9 @@ def logit_lens(model: HookedVLM, inputs: VLMInputs, *, positions: Any = None, k:
         _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in names)
     batch = inputs.tokens.shape[0]
     if positions is None:
+        if inputs.layout.axis == "keys":
+            raise ValueError("this model reads images through cross-attention: its image positions are keys, not "
+                             "sequence positions, and the residual stream holds text only; pass text `positions`.")
         rows = [inputs.layout.image_positions(b) for b in range(batch)]
     else:
         rows = per_row(positions, batch)

@@ -1,5 +1,5 @@
 """Mllama (Llama 3.2 Vision): parity with HF stage by stage, per-row batch semantics, generation, hooks, the
-key-axis layout, ablation and knockout on the cross-attention keys."""
+key-axis layout, ablation, knockout and patching on the cross-attention keys, the logit lens, ``fast=False``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,17 @@ import torch
 
 from vlm_lens import HookedVLM
 from vlm_lens.analysis.ablation import image_ablation_hooks
-from vlm_lens.architectures.mllama.analysis import cross_knockout_hooks, cross_kv
+from vlm_lens.analysis.logit_lens import logit_lens
+from vlm_lens.analysis.patching import patch_image_positions
+from vlm_lens.architectures.mllama.analysis import (
+    cross_knockout_hooks,
+    cross_kv,
+    image_keys,
+    key_patch_hooks,
+    patch_image_keys,
+)
 from vlm_lens.architectures.mllama.testing import ATOL, IMAGE, hf_inputs, image, save_mllama
+from vlm_lens.hook_names import cross_attn_name
 from vlm_lens.testing import assert_hooks_live, perturb
 
 # Row 0: a wide image (1x3 tiles); row 1: a square (2x2) and a tall (3x1) image, with text between them;
@@ -175,3 +184,69 @@ def test_bad_input_raises_and_changes_nothing(model, batch):
                                                                            ("aspect_ratio_ids", "aspect_ratio_mask",
                                                                             "cross_attention_mask")})
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_patch_image_keys_on_the_grid(model):
+    # two images of one size (2x2 tiles): the same tokens and key layout, different keys
+    prompt, cross = f"{IMAGE} what is this ?", list(model.vlm_cfg.cross_attention_layers)
+    clean = model.prepare(prompt, images=[[image((16, 16), 1)]])
+    corrupted = model.prepare(prompt, images=[[image((16, 16), 5)]])
+    answer = int(model(clean)[0, -1].argmax())
+    metric = lambda logits: logits[0, -1].log_softmax(-1)[answer]  # noqa: E731
+    with torch.no_grad():
+        clean_value, corrupted_value = float(metric(model(clean))), float(metric(model(corrupted)))
+    assert abs(clean_value - corrupted_value) > 1e-2
+    names = {cross_attn_name(n, layer) for layer in cross for n in ("k", "v")}
+    _, cache = model.run_with_cache(clean, names_filter=lambda name: name in names)
+    clean_kv = {name: cache[name] for name in names}
+    with torch.no_grad():
+        every = model.run_with_hooks(corrupted, fwd_hooks=key_patch_hooks(clean_kv, 0, image_keys(model, clean, 0), cross))
+        none = model.run_with_hooks(corrupted, fwd_hooks=key_patch_hooks(clean_kv, 0, [], cross))
+    assert abs(float(metric(every)) - clean_value) < 1e-5
+    assert float(metric(none)) == corrupted_value
+
+    result = patch_image_keys(model, clean, corrupted, metric)
+    grid = clean.layout.grid(0)
+    assert result.values.shape == (len(cross), *grid.shape) and result.layers == cross
+    with torch.no_grad():  # one cell is the run patching that one key
+        one = model.run_with_hooks(corrupted, fwd_hooks=key_patch_hooks(clean_kv, 0, [int(grid[1, 2])], cross[:1]))
+    assert abs(result.values[0, 1, 2] - float(metric(one))) < 1e-6
+    assert (result.values - corrupted_value).abs().max() > 1e-4  # some key moves the metric
+    with pytest.raises(ValueError, match="not cross-attention blocks"):
+        patch_image_keys(model, clean, corrupted, metric, layers=[0])
+    with pytest.raises(ValueError, match="patch_image_keys"):  # it would patch key indices as sequence positions
+        patch_image_positions(model, clean, corrupted, metric)
+    with pytest.raises(ValueError, match="same tiles|same tokens"):
+        patch_image_keys(model, clean, model.prepare(prompt, images=[[image((8, 20), 5)]]), metric)
+
+
+def test_logit_lens_on_text_positions(model, batch):
+    # the image is never a token: the lens reads text positions, here the last 3 of each (left-padded) row
+    length, first_cross = batch.tokens.shape[1], min(model.vlm_cfg.cross_attention_layers)
+    positions = torch.arange(length - 3, length)
+    result = logit_lens(model, batch, positions=positions, k=3)
+    assert result.top_tokens.shape == (model.cfg.n_layers, 3, 3, 3)
+    with torch.no_grad():
+        probs, tokens = model(batch)[:, positions].float().softmax(-1).topk(3, dim=-1)
+    assert torch.equal(result.top_tokens[-1], tokens) and (result.top_probs[-1] - probs).abs().max() < 1e-5
+    # reading the image (rows 0 and 1) moves what the cross-attention block's output predicts
+    moved = (result.top_probs[first_cross] - result.top_probs[first_cross - 1]).abs().amax((-1, -2))
+    assert (moved[:2] > 1e-4).all()
+    with pytest.raises(ValueError, match="pass text `positions`"):  # the default (image positions) are keys here
+        logit_lens(model, batch)
+
+
+def test_fast_false_equals_hf_and_hooks_live(checkpoint, batch):
+    path, hf = checkpoint
+    slow = HookedVLM.from_pretrained_no_processing(str(path), fast=False)
+    assert slow.fast is False
+    with torch.no_grad():
+        logits = slow(batch)
+    for row in range(3):
+        real = batch.attention_mask[row].bool()
+        assert (logits[row, real] - _alone(slow, hf, row)).abs().max() < ATOL, row
+    layer = slow.vlm_cfg.cross_attention_layers[0]
+    names = [cross_attn_name(n, layer) for n in ("q", "k", "v", "pattern", "z")]
+    names += [f"blocks.{layer}.hook_attn_gate", f"blocks.{layer}.hook_mlp_out", "hook_image_embeds",
+              "blocks.1.attn.hook_pattern"]
+    assert_hooks_live(slow, names, slow.prepare(PROMPTS[1], images=IMAGES[1]))

@@ -9,7 +9,7 @@ cross-attention blocks at ``cross_attention_layers``. Images are read through cr
 - ``cross_attention``: ``CrossAttentionBlock`` and the key layout it reads (``CrossKeys``)
 - ``pipeline``: ``MllamaPipeline`` (plan, features, the layout on the key axis)
 - ``processor``: transformers' processor taking a batch's images flat (as ``model.prepare`` gives them)
-- ``analysis``: knockout and key/value readout on the cross-attention keys
+- ``analysis``: knockout, key/value readout and patching on the cross-attention keys
 - ``testing``: tiny seeded checkpoints
 """
 
