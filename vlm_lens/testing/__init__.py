@@ -232,3 +232,8 @@ def assert_language_model_matches_hf(model, cache, logits, hidden_states, hf_log
         assert diff <= atol, (act_name("resid_post", layer), diff)
     assert worst(model.ln_final(cache[act_name("resid_post", n - 1)]), hidden_states[-1]) <= atol, "ln_final"
     assert worst(logits, hf_logits) <= atol, "logits"
+
+
+def real_positions(x: torch.Tensor, inputs) -> torch.Tensor:
+    """``x`` [batch, pos, ...] at the real (non-padding) positions of ``inputs``."""
+    return x[inputs.attention_mask.bool()]

@@ -30,21 +30,12 @@ from vlm_lens.architectures.gemma3.testing import (
     tiny_gemma3_config,
 )
 from vlm_lens.testing import assert_hooks_live, assert_language_model_matches_hf, perturb
+from vlm_lens.testing import real_positions as real
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     return save_gemma3(tmp_path_factory.mktemp("gemma3"))
-
-
-@pytest.fixture(scope="module")
-def hf(saved):
-    return saved[1]
-
-
-@pytest.fixture(scope="module")
-def model(saved):
-    return HookedVLM.from_pretrained_no_processing(str(saved[0]))
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +48,6 @@ def plain_model(saved):
 def batch(model):
     """Two rows, left padding: one image in the first, two (different sizes and aspect ratios) in the second."""
     return model.prepare(PROMPTS, images=[[image(SIZES["wide"], 0)], [image(SIZES["tall"], 1), image(SIZES["square"], 2)]])
-
-
-def real(x, inputs):
-    return x[inputs.attention_mask.bool()]
 
 
 def test_config_mirrors_transformer_lens_gemma3(model):

@@ -28,6 +28,7 @@ from vlm_lens.architectures.internvl.testing import (
 )
 from vlm_lens.architectures.internvl.tiles import TileSpan, image_tiles
 from vlm_lens.testing import assert_hooks_live, assert_language_model_matches_hf
+from vlm_lens.testing import real_positions as real
 
 TWO_IMAGES = f"USER : {IMAGE} {IMAGE} what is this ? ASSISTANT :"
 
@@ -38,24 +39,10 @@ def saved(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(saved):
-    return HookedVLM.from_pretrained_no_processing(str(saved[0]))
-
-
-@pytest.fixture(scope="module")
-def hf(saved):
-    return saved[1]
-
-
-@pytest.fixture(scope="module")
 def batch(model):
     """Row 0: a wide (1x2 crops) and a tall image (2x1 crops); row 1: a square one (2x2 crops); left padding."""
     return model.prepare([TWO_IMAGES, PROMPTS[1]],
                          images=[[image(SIZES["wide"], 0), image(SIZES["tall"], 1)], [image(SIZES["square"], 2)]])
-
-
-def real(x, inputs):
-    return x[inputs.attention_mask.bool()]
 
 
 def test_checkpoint_loads_with_the_images_only_processor(model, batch):

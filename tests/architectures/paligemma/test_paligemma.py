@@ -30,6 +30,7 @@ from vlm_lens.architectures.paligemma.testing import (
     tiny_paligemma_config,
 )
 from vlm_lens.testing import assert_hooks_live, assert_language_model_matches_hf, perturb
+from vlm_lens.testing import real_positions as real
 
 SUFFIXES = ["a cat", "red square"]
 
@@ -37,16 +38,6 @@ SUFFIXES = ["a cat", "red square"]
 @pytest.fixture(scope="module", params=[1, 2], ids=["paligemma", "paligemma2"])
 def saved(request, tmp_path_factory):
     return save_paligemma(tmp_path_factory.mktemp(f"paligemma{request.param}"), tiny_paligemma_config(request.param))
-
-
-@pytest.fixture(scope="module")
-def hf(saved):
-    return saved[1]
-
-
-@pytest.fixture(scope="module")
-def model(saved):
-    return HookedVLM.from_pretrained_no_processing(str(saved[0]))
 
 
 def images():
@@ -58,10 +49,6 @@ def images():
 def batch(model):
     """Left-padded, with a suffix in each row (token_type_ids 1 there)."""
     return model.prepare(PROMPTS, images=images(), suffix=SUFFIXES)
-
-
-def real(x, inputs):
-    return x[inputs.attention_mask.bool()]
 
 
 def is_v2(model):

@@ -37,6 +37,7 @@ from vlm_lens.architectures.pixtral.testing import (
 )
 from vlm_lens.inputs import inputs_from_tokens
 from vlm_lens.testing import assert_hooks_live, assert_language_model_matches_hf
+from vlm_lens.testing import real_positions as real
 
 
 @pytest.fixture(scope="module")
@@ -45,23 +46,9 @@ def saved(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf(saved):
-    return saved[1]
-
-
-@pytest.fixture(scope="module")
-def model(saved):
-    return HookedVLM.from_pretrained_no_processing(str(saved[0]))
-
-
-@pytest.fixture(scope="module")
 def batch(model):
     """Row 0: a 3x4-token image; row 1: a 4x3-token and a 2x2-token image in one prompt; left padding."""
     return model.prepare(PROMPTS, images=[[image(SIZES["wide"], 0)], [image(SIZES["tall"], 1), image(SIZES["square"], 2)]])
-
-
-def real(x, inputs):
-    return x[inputs.attention_mask.bool()]
 
 
 def test_processor_shim_loads_the_hub_layout(saved, model, batch):

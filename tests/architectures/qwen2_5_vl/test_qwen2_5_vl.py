@@ -27,6 +27,7 @@ from vlm_lens.architectures.qwen2_5_vl.testing import (
 )
 from vlm_lens.architectures.qwen2_5_vl.vision import QwenVisionMLP, full_mask
 from vlm_lens.testing import assert_language_model_matches_hf
+from vlm_lens.testing import real_positions as real
 
 
 @pytest.fixture(scope="module")
@@ -35,23 +36,9 @@ def saved(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf(saved):
-    return saved[1]
-
-
-@pytest.fixture(scope="module")
-def model(saved):
-    return HookedVLM.from_pretrained_no_processing(str(saved[0]))
-
-
-@pytest.fixture(scope="module")
 def batch(model):
     """Two rows, images of different sizes (8 and 15 tokens), left padding."""
     return model.prepare(PROMPTS, images=[[image(SIZES["wide"], 0)], [image(SIZES["tall"], 1)]])
-
-
-def real(x, inputs):
-    return x[inputs.attention_mask.bool()]
 
 
 def test_components_are_ours_after_the_fast_path(model):

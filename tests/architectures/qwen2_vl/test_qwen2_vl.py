@@ -38,6 +38,7 @@ from vlm_lens.architectures.qwen2_vl.testing import (
     tiny_qwen2_vl_config,
 )
 from vlm_lens.testing import assert_hooks_live, assert_language_model_matches_hf
+from vlm_lens.testing import real_positions as real
 
 TWO_IMAGES = f"USER : {IMAGE} what is this ? {IMAGE} describe ASSISTANT :"
 
@@ -48,25 +49,11 @@ def saved(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf(saved):
-    return saved[1]
-
-
-@pytest.fixture(scope="module")
-def model(saved):
-    return HookedVLM.from_pretrained_no_processing(str(saved[0]))
-
-
-@pytest.fixture(scope="module")
 def batch(model):
     """Left-padded rows: two images in one prompt (4x8 and 4x4 patches: 2x4 and 2x2 tokens), one tall image
     (10x6 patches, 5x3 tokens) in the other."""
     return model.prepare([TWO_IMAGES, PROMPTS[1]],
                          images=[[image(SIZES["wide"], 0), image(SIZES["square"], 2)], [image(SIZES["tall"], 1)]])
-
-
-def real(x, inputs):
-    return x[inputs.attention_mask.bool()]
 
 
 def test_loads_from_a_hub_layout_folder_without_torchvision(saved, model):

@@ -30,6 +30,7 @@ from vlm_lens.architectures.qwen3_vl.testing import (
     save_qwen3,
 )
 from vlm_lens.testing import assert_hooks_live
+from vlm_lens.testing import real_positions as real
 
 
 @pytest.fixture(scope="module")
@@ -38,24 +39,10 @@ def saved(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hf(saved):
-    return saved[1]
-
-
-@pytest.fixture(scope="module")
-def model(saved):
-    return HookedVLM.from_pretrained_no_processing(str(saved[0]))
-
-
-@pytest.fixture(scope="module")
 def batch(model):
     """Row 0: two images (wide 2x4 tokens, square 2x2); row 1: one tall image (5x3); left padding."""
     images = [[image(SIZES["wide"], 0), image(SIZES["square"], 2)], [image(SIZES["tall"], 1)]]
     return model.prepare(PROMPTS, images=images)
-
-
-def real(x, inputs):
-    return x[inputs.attention_mask.bool()]
 
 
 def test_loaded_from_hub_layout_with_shimmed_processor(model, saved):

@@ -18,6 +18,7 @@ from vlm_lens.architectures.idefics3.testing import (
     save_model,
     tiny_config,
 )
+from vlm_lens.testing import real_positions as real
 
 
 @pytest.fixture(scope="module")
@@ -26,18 +27,9 @@ def saved(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model(saved):
-    return HookedVLM.from_pretrained_no_processing(str(saved[0]))
-
-
-@pytest.fixture(scope="module")
 def batch(model):
     return model.prepare(["USER : <image> <image> what is this ? ASSISTANT :", PROMPTS[1]],
                          images=[[image(SIZES["tall"], 0), image(SIZES["square"], 1)], [image(SIZES["wide"], 2)]])
-
-
-def real(x, inputs):
-    return x[inputs.attention_mask.bool()]
 
 
 def test_hub_folder_loads_with_the_images_only_processor(saved, model, batch):
