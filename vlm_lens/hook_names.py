@@ -31,5 +31,5 @@ def act_names(name: str, layers: range | list[int], tower: Tower = "lm") -> list
 
 def cross_attn_name(name: str, layer: int) -> str:
     """``cross_attn_name("attn_scores", 3)`` -> ``blocks.3.cross_attn.hook_attn_scores`` (cross-attention
-    blocks of models that read images through cross-attention, e.g. Mllama)."""
+    blocks of models that read images through cross-attention)."""
     return f"blocks.{layer}.cross_attn.hook_{name}"

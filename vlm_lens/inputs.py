@@ -137,7 +137,7 @@ def prepare_inputs(model: HookedVLM, prompts: str | list[str], images: Any = Non
         raise ValueError("prompts must be a string or a non-empty list of strings.")
     per_prompt = _per_prompt_images(prompt_list, images)
     placeholder = processor.image_token
-    # what goes between the images and a prompt without placeholders (a processor may set it: PaliGemma "")
+    # what goes between the images and a prompt without placeholders (a processor may set it, e.g. to "")
     separator = getattr(processor, "image_placeholder_separator", "\n")
     texts, flat_images = [], []
     for i, (prompt, imgs) in enumerate(zip(prompt_list, per_prompt)):

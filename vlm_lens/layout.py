@@ -33,7 +33,7 @@ class ImageSpan:
     newlines: torch.Tensor = field(default_factory=_no_positions)  # newline tokens (also in extra)
     boxes: torch.Tensor | None = None  # [end - start, 4] float (top, left, bottom, right), original pixels
     markers: torch.Tensor = field(default_factory=_no_positions)  # tokens opening/closing the image, outside it
-    # text tokens inside [start, end) that receive no image embedding (Pixtral's [IMG_BREAK] between rows), sorted
+    # text tokens inside [start, end) that receive no image embedding (e.g. row-break tokens between rows), sorted
     text: torch.Tensor = field(default_factory=_no_positions)
 
     @property
@@ -52,7 +52,7 @@ class ImageLayout:
     """The image layout of a batch: ``spans[i]`` is image ``i`` (images numbered in sequence order).
 
     ``axis`` says what the spans' positions index: ``"sequence"`` (image tokens in the residual stream), or
-    ``"keys"`` (the cross-attention keys a model reads its images from, e.g. Mllama; the sequence then holds
+    ``"keys"`` (the cross-attention keys a model reads its images from; the sequence then holds
     one placeholder token per image).
     """
 
