@@ -7,7 +7,7 @@ def test_first_turn_is_the_dataset_prompt():
     data = ShapesDataset(split="train", seed=0, size=6)
     for index in range(6):
         item = data[index]
-        _, objects, text = train.conversation("train", 0, index, turns=4)
+        _, objects, text, _ = train.conversation("train", 0, index, turns=4)
         assert text.startswith(f"{item.prompt} {item.answer}</s>USER: ")
         assert [o.patch_mask.tolist() for o in objects] == [o.patch_mask.tolist() for o in item.objects]
 

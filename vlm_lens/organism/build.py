@@ -21,10 +21,8 @@ from transformers import (
 from vlm_lens.organism import data
 
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
-WORDS = (
-    "user", "assistant", ":", "?", "what", "colour", "shape", "is", "the", "object", "at", "there", "a",
-    *data.ANSWERS, "top", "middle", "bottom", "left", "right", "centre",
-)  # fmt: skip
+CHAT_WORDS = ("user", "assistant", ":", "?")
+WORDS = (*CHAT_WORDS, *data.WORDS)  # the shapes organism's words
 # "USER: q1\n<image> ASSISTANT: a1</s>USER: q2 ASSISTANT:" -- the question comes before the image, so the
 # image tokens can attend to it (the format the shipped weights were trained on). Text parts are written
 # before image parts whatever their order in the message, so chat=True gives the trained format.
@@ -43,10 +41,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Lower-cased word-level tokenizer; ``<s>`` is prepended to every encoded text."""
-    vocab = {tok: i for i, tok in enumerate((*SPECIAL, *WORDS))}
-    if len(vocab) != len(SPECIAL) + len(WORDS):
+def build_tokenizer(source=data) -> PreTrainedTokenizerFast:
+    """Lower-cased word-level tokenizer over ``source``'s words (``source``: a scene generator, ``data`` or
+    ``scenes``); ``<s>`` is prepended to every encoded text."""
+    words = (*CHAT_WORDS, *source.WORDS)
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL, *words))}
+    if len(vocab) != len(SPECIAL) + len(words):
         raise ValueError("duplicate words in the organism vocabulary")
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
@@ -70,15 +70,15 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_processor() -> LlavaProcessor:
+def build_processor(source=data) -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": data.IMAGE_SIZE},
-        crop_size={"height": data.IMAGE_SIZE, "width": data.IMAGE_SIZE},
+        size={"shortest_edge": source.IMAGE_SIZE},
+        crop_size={"height": source.IMAGE_SIZE, "width": source.IMAGE_SIZE},
     )
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=build_tokenizer(),
-        patch_size=data.PATCH,
+        tokenizer=build_tokenizer(source),
+        patch_size=source.PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
@@ -91,16 +91,17 @@ def build_config(
     text_width: int = 128,
     text_layers: int = 4,
     text_mlp: int = 256,
+    source=data,
 ) -> LlavaConfig:
     """LLaVA-1.5 layout: CLIP tower read at layer -2, 2-layer GELU projector, Llama with GQA."""
-    tok = build_tokenizer()
+    tok = build_tokenizer(source)
     vision = CLIPVisionConfig(
         hidden_size=vision_width,
         intermediate_size=4 * vision_width,
         num_hidden_layers=vision_layers,
         num_attention_heads=4,
-        image_size=data.IMAGE_SIZE,
-        patch_size=data.PATCH,
+        image_size=source.IMAGE_SIZE,
+        patch_size=source.PATCH,
         hidden_act="quick_gelu",
         projection_dim=vision_width,
     )
@@ -124,28 +125,35 @@ def build_config(
         projector_hidden_act="gelu",
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
-        image_seq_length=data.GRID * data.GRID,
+        image_seq_length=source.GRID * source.GRID,
         tie_word_embeddings=False,
         pad_token_id=tok.pad_token_id,
     )
 
 
-def encode(processor: LlavaProcessor, items) -> dict[str, torch.Tensor]:
-    """HF inputs for a list of items (right-padded), plus ``last`` (index of each prompt's final token)
-    and ``answer`` (the answer token ids)."""
-    batch = processor(
-        text=[it.prompt for it in items], images=[it.image for it in items], return_tensors="pt", padding=True
+def encode(processor: LlavaProcessor, items, with_answers: bool = False) -> dict[str, torch.Tensor]:
+    """HF inputs for a list of items (right-padded), plus ``last`` (index of each prompt's final token),
+    ``answer`` (the first answer token's id) and ``answers`` (all answer token ids, long [B, A], -100 past
+    each answer's end). With ``with_answers`` each text is the prompt followed by its answer (no ``</s>``),
+    so the logits at ``last + k`` predict answer token ``k`` under teacher forcing."""
+    tok = processor.tokenizer
+    texts = [f"{it.prompt} {it.answer}" if with_answers else it.prompt for it in items]
+    batch = dict(processor(text=texts, images=[it.image for it in items], return_tensors="pt", padding=True))
+    answers = [tok.convert_tokens_to_ids(it.answer.split()) for it in items]
+    batch["last"] = (
+        batch["attention_mask"].sum(1) - 1 - (torch.tensor([len(a) for a in answers]) if with_answers else 0)
     )
-    batch["last"] = batch["attention_mask"].sum(1) - 1
-    answer_ids = processor.tokenizer.convert_tokens_to_ids([it.answer for it in items])
-    batch["answer"] = torch.tensor(answer_ids)
-    return dict(batch)
+    batch["answer"] = torch.tensor([a[0] for a in answers])
+    batch["answers"] = torch.nn.utils.rnn.pad_sequence(
+        [torch.tensor(a) for a in answers], batch_first=True, padding_value=-100
+    )
+    return batch
 
 
 def encode_fast(processor: LlavaProcessor, items) -> dict[str, torch.Tensor]:
     """Same tensors as :func:`encode` (pixel values to within float rounding, about 5e-7) without the image
-    processor's per-image overhead; used for training, and ``tests/organism`` checks the two agree."""
-    n_image_tokens = data.GRID * data.GRID
+    processor's per-image overhead; ``tests/organism`` checks the two agree."""
+    n_image_tokens = (processor.image_processor.crop_size["height"] // processor.patch_size) ** 2
     texts = [it.prompt.replace("<image>", "<image>" * n_image_tokens) for it in items]
     batch = processor.tokenizer(texts, return_tensors="pt", padding=True)
     out = {
@@ -154,7 +162,8 @@ def encode_fast(processor: LlavaProcessor, items) -> dict[str, torch.Tensor]:
         "pixel_values": pixel_values(processor, [it.image for it in items]),
     }
     out["last"] = out["attention_mask"].sum(1) - 1
-    out["answer"] = torch.tensor(processor.tokenizer.convert_tokens_to_ids([it.answer for it in items]))
+    first = [it.answer.split()[0] for it in items]
+    out["answer"] = torch.tensor(processor.tokenizer.convert_tokens_to_ids(first))
     return out
 
 
@@ -166,17 +175,25 @@ def pixel_values(processor: LlavaProcessor, images) -> torch.Tensor:
     return torch.from_numpy(((pixels - mean) / std).transpose(0, 3, 1, 2).copy())
 
 
-def patch_labels(objects_per_image) -> dict[str, torch.Tensor]:
-    """Per-patch ground truth, long [B, GRID*GRID] each: colour and shape index of the object covering
-    the patch (0 = background), and the patch's 3 x 3 cell index."""
-    n = len(objects_per_image)
-    colour = np.zeros((n, data.GRID, data.GRID), dtype=np.int64)
+def patch_labels(objects_per_image, source=data, targets=None) -> dict[str, torch.Tensor]:
+    """Per-patch ground truth, long [B, GRID*GRID] each: colour and shape index of the object with most
+    pixels in the patch (0 = background), the 3 x 3 cell holding the patch's centre and, with ``targets``
+    (bool [GRID, GRID] per image), whether the patch belongs to the answer's objects."""
+    n, grid, patch = len(objects_per_image), source.GRID, source.PATCH
+    colour = np.zeros((n, grid, grid), dtype=np.int64)
     shape = np.zeros_like(colour)
     for i, objects in enumerate(objects_per_image):
+        best = np.zeros((grid, grid))
         for obj in objects:
-            colour[i][obj.patch_mask] = 1 + list(data.COLOURS).index(obj.colour)
-            shape[i][obj.patch_mask] = 1 + data.SHAPES.index(obj.shape)
-    rows = np.arange(data.GRID) * data.PATCH // data.CELL
-    cell = np.broadcast_to(rows[:, None] * data.CELLS + rows[None, :], colour.shape)
+            share = obj.pixel_mask.reshape(grid, patch, grid, patch).sum(axis=(1, 3))
+            wins = share > best
+            colour[i][wins] = 1 + list(source.COLOURS).index(obj.colour)
+            shape[i][wins] = 1 + source.SHAPES.index(obj.shape)
+            best = np.maximum(best, share)
+    rows = (np.arange(grid) * patch + patch // 2) // source.CELL
+    cell = np.broadcast_to(rows[:, None] * source.CELLS + rows[None, :], colour.shape)
     flat = lambda a: torch.from_numpy(np.ascontiguousarray(a).reshape(n, -1))  # noqa: E731
-    return {"colour": flat(colour), "shape": flat(shape), "cell": flat(cell)}
+    out = {"colour": flat(colour), "shape": flat(shape), "cell": flat(cell)}
+    if targets is not None:
+        out["target"] = flat(np.stack(targets).astype(np.int64))
+    return out

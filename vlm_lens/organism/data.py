@@ -21,14 +21,28 @@ keeps the scenes that hash to it.
 
 from __future__ import annotations
 
-import hashlib
+import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from vlm_lens.organism import scenes
+from vlm_lens.organism.drawing import (
+    COLOURS,
+    POSITIONS,  # noqa: F401  (re-exported: the 3 x 3 layout names)
+    SPLITS,
+    ShapeObject,
+    ShapesItem,
+    patch_mask_of,
+    position_name,
+    prompt_for,
+    shape_pixels,
+    split_of,
+)
+
+NAME = "shapes"
 IMAGE_SIZE = 48
 PATCH = 16
 GRID = IMAGE_SIZE // PATCH  # patches per side (3)
@@ -37,96 +51,14 @@ CELLS = IMAGE_SIZE // CELL  # cells per side (3)
 BACKGROUND = (24, 24, 24)
 
 SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 190, 60),
-    "blue": (50, 90, 235),
-    "yellow": (235, 215, 40),
-    "purple": (160, 60, 210),
-    "white": (235, 235, 235),
-}
-POSITIONS = (
-    ("top", "left"), ("top", "middle"), ("top", "right"),
-    ("middle", "left"), ("centre",), ("middle", "right"),
-    ("bottom", "left"), ("bottom", "middle"), ("bottom", "right"),
-)  # fmt: skip
 QUESTION_TYPES = ("colour_of_shape", "shape_of_colour", "exists", "position")
 QuestionType = Literal["colour_of_shape", "shape_of_colour", "exists", "position"]
 ANSWERS = (*SHAPES, *COLOURS, "yes", "no")
-SPLITS = {"train": 0, "test": 1}
+MAX_OBJECTS = 3
+# Words of the questions and answers (the tokenizer's vocabulary is these plus the chat words).
+WORDS = ("what", "colour", "shape", "is", "the", "object", "at", "there", "a", *ANSWERS,
+         "top", "middle", "bottom", "left", "right", "centre")  # fmt: skip
 TEST_FRACTION = 0.2  # share of scene space that belongs to the test split
-
-
-@dataclass(frozen=True)
-class ShapeObject:
-    """One drawn object: ``pixel_mask`` is bool [H, W], ``patch_mask`` bool [GRID, GRID]."""
-
-    shape: str
-    colour: str
-    cell: tuple[int, int]  # (row, col) in the 3 x 3 cell grid
-    pixel_mask: np.ndarray
-    patch_mask: np.ndarray
-
-
-@dataclass(frozen=True)
-class ShapesItem:
-    """One image with one question and its one-token answer."""
-
-    image: Image.Image
-    prompt: str
-    question: str
-    answer: str
-    question_type: QuestionType
-    objects: tuple[ShapeObject, ...]
-    target_mask: np.ndarray  # bool [GRID, GRID]; all False when no object is asked about
-
-
-def prompt_for(question: str) -> str:
-    """The chat prompt the organism was trained on: the question, then the ``<image>`` placeholder.
-
-    The question comes first so the image tokens can attend to it; with the image first, binding a
-    shape to its colour did not emerge in training (see README.md).
-    """
-    return f"USER: {question}\n<image> ASSISTANT:"
-
-
-def position_name(cell: tuple[int, int]) -> str:
-    return " ".join(POSITIONS[cell[0] * CELLS + cell[1]])
-
-
-def shape_pixels(shape: str, size: int) -> np.ndarray:
-    """Bool [size, size] mask of ``shape`` drawn to fill a ``size`` box."""
-    canvas = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(canvas)
-    s = size - 1
-    if shape == "circle":
-        draw.ellipse((0, 0, s, s), fill=255)
-    elif shape == "square":
-        inset = size // 8
-        draw.rectangle((inset, inset, s - inset, s - inset), fill=255)
-    elif shape == "triangle":
-        draw.polygon(((s / 2, 0), (s, s), (0, s)), fill=255)
-    elif shape == "cross":
-        arm = size // 3
-        lo, hi = (size - arm) // 2, (size - arm) // 2 + arm - 1
-        draw.rectangle((lo, 0, hi, s), fill=255)
-        draw.rectangle((0, lo, s, hi), fill=255)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    return np.asarray(canvas) > 0
-
-
-def patch_mask_of(pixel_mask: np.ndarray, patch: int = PATCH) -> np.ndarray:
-    """Bool [H/patch, W/patch]: True where the patch holds at least one True pixel."""
-    h, w = pixel_mask.shape
-    if h % patch or w % patch:
-        raise ValueError(f"mask shape {pixel_mask.shape} is not a multiple of the patch size {patch}")
-    return pixel_mask.reshape(h // patch, patch, w // patch, patch).any(axis=(1, 3))
-
-
-def _split_of(scene: tuple) -> str:
-    digest = hashlib.sha256(repr(scene).encode()).digest()
-    return "test" if int.from_bytes(digest[:8], "little") / 2**64 < TEST_FRACTION else "train"
 
 
 def _sample_scene(rng: np.random.Generator, n_objects: int) -> tuple:
@@ -155,7 +87,7 @@ def render(scene: tuple) -> tuple[Image.Image, tuple[ShapeObject, ...]]:
         top, left = row * CELL + dy, col * CELL + dx
         mask[top : top + size, left : left + size] = shape_pixels(shape, size)
         pixels[mask] = rgb
-        objects.append(ShapeObject(shape, colour, (row, col), mask, patch_mask_of(mask)))
+        objects.append(ShapeObject(shape, colour, (row, col), mask, patch_mask_of(mask, PATCH)))
     return Image.fromarray(pixels, "RGB"), tuple(objects)
 
 
@@ -191,7 +123,7 @@ def make_scene(split: str, seed: int, index: int, n_objects: int | None = None):
     count = int(rng.integers(1, 4)) if n_objects is None else n_objects
     while True:
         scene = _sample_scene(rng, count)
-        if _split_of(scene) == split:
+        if split_of(scene, TEST_FRACTION) == split:
             return render(scene)
 
 
@@ -214,23 +146,54 @@ def make_item(split: str, seed: int, index: int, n_objects: int | None = None) -
     return ShapesItem(image, prompt_for(question), question, answer, kind, objects, target_mask)
 
 
+def generator(organism: str = "shapes"):
+    """The module that generates ``organism``'s scenes and questions (``data`` for "shapes", ``scenes`` for
+    "scenes"); each has the same names (``IMAGE_SIZE``, ``PATCH``, ``GRID``, ``QUESTION_TYPES``, ``make_item``,
+    ...)."""
+    modules = {NAME: sys.modules[__name__], scenes.NAME: scenes}
+    if organism not in modules:
+        raise ValueError(f"unknown organism {organism!r}; available: {tuple(modules)}")
+    return modules[organism]
+
+
 class ShapesDataset(Sequence):
-    """``size`` deterministic items of ``split`` ("train" or "test") for ``seed``; a ``Sequence``, so every
-    function that takes a list of items takes it too.
+    """``size`` deterministic items of ``split`` ("train" or "test") for ``seed`` from ``organism``'s scene
+    generator ("shapes", the default, or "scenes"); a ``Sequence``, so every function that takes a list of
+    items takes it too. Masks are on that organism's patch grid (3 x 3 or 8 x 8).
 
     >>> data = ShapesDataset(split="test", seed=0, size=8)
     >>> data[3].question_type
     'position'
+    >>> ShapesDataset(split="test", seed=0, size=8, organism="scenes")[4].question_type
+    'count'
     """
 
-    def __init__(self, split: str = "test", seed: int = 0, size: int = 500, n_objects: int | None = None):
+    def __init__(
+        self,
+        split: str = "test",
+        seed: int = 0,
+        size: int = 500,
+        n_objects: int | None = None,
+        organism: str = "shapes",
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
         if size < 0:
             raise ValueError(f"size must be >= 0, got {size}")
-        if n_objects is not None and not 1 <= n_objects <= 3:
-            raise ValueError(f"n_objects must be 1, 2 or 3 (or None for a random count), got {n_objects}")
-        self.split, self.seed, self.size, self.n_objects = split, seed, size, n_objects
+        self.source = generator(organism)
+        top = self.source.MAX_OBJECTS
+        if n_objects is not None and not 1 <= n_objects <= top:
+            raise ValueError(
+                f"n_objects must be between 1 and {top} for the {organism!r} organism (or None for a random "
+                f"count), got {n_objects}"
+            )
+        self.split, self.seed, self.size, self.n_objects, self.organism = (
+            split,
+            seed,
+            size,
+            n_objects,
+            organism,
+        )
 
     def __len__(self) -> int:
         return self.size
@@ -240,7 +203,7 @@ class ShapesDataset(Sequence):
             return [self[i] for i in range(*index.indices(self.size))]
         if not -self.size <= index < self.size:
             raise IndexError(f"index {index} out of range for a dataset of size {self.size}")
-        return make_item(self.split, self.seed, index % self.size, self.n_objects)
+        return self.source.make_item(self.split, self.seed, index % self.size, self.n_objects)
 
     def __iter__(self) -> Iterator[ShapesItem]:
         return (self[i] for i in range(self.size))

@@ -45,12 +45,15 @@ def replace_visual_tokens(model, mask: torch.Tensor | None, value: torch.Tensor 
 def predictions(
     model, processor, items: Sequence, masks: torch.Tensor | None = None, value=None, batch_size: int = 100
 ) -> np.ndarray:
-    """Bool [len(items)]: whether the argmax at the last prompt position is the answer token."""
+    """Bool [len(items)]: whether the argmax at the last prompt position is the answer token; for answers
+    of several words, whether every answer word is the argmax given the words before it (teacher forcing:
+    exactly when greedy decoding writes the answer)."""
     model.eval()
     correct = []
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
-        batch = build.encode(processor, chunk)
+        several = any(" " in it.answer for it in chunk)
+        batch = build.encode(processor, chunk, with_answers=several)
         sub = None if masks is None else masks[start : start + batch_size]
         with replace_visual_tokens(model, sub, value):
             logits = model(
@@ -58,8 +61,10 @@ def predictions(
                 attention_mask=batch["attention_mask"].to(model.device),
                 pixel_values=batch["pixel_values"].to(model.device, model.dtype),
             ).logits
-        last = logits[torch.arange(len(chunk)), batch["last"].to(model.device)]
-        correct.append((last.argmax(-1).cpu() == batch["answer"]).numpy())
+        answers = batch["answers"]
+        at = (batch["last"][:, None] + torch.arange(answers.shape[1])).clamp(max=logits.shape[1] - 1)
+        guess = logits.argmax(-1).cpu().gather(1, at)
+        correct.append(((guess == answers) | (answers == -100)).all(1).numpy())
     return np.concatenate(correct)
 
 
@@ -67,7 +72,8 @@ def accuracy_by_type(items: Sequence, correct: np.ndarray) -> dict[str, float]:
     groups = defaultdict(list)
     for it, ok in zip(items, correct, strict=True):
         groups[it.question_type].append(ok)
-    out = {kind: float(np.mean(groups[kind])) for kind in data.QUESTION_TYPES if groups[kind]}
+    kinds = dict.fromkeys(it.question_type for it in items)
+    out = {kind: float(np.mean(groups[kind])) for kind in kinds}
     out["all"] = float(np.mean(correct))
     return out
 
@@ -92,9 +98,10 @@ def mean_visual_token(model, processor, items: Sequence, batch_size: int = 100) 
 def background_masks(items: Sequence, seed: int = 0) -> torch.Tensor:
     """Per item, as many random background patches as the item's target has: bool [B, n_patches]."""
     rng = np.random.default_rng(seed)
-    out = np.zeros((len(items), data.GRID * data.GRID), dtype=bool)
+    grid = items[0].target_mask.shape[0] if items else 0
+    out = np.zeros((len(items), grid * grid), dtype=bool)
     for i, it in enumerate(items):
-        covered = np.zeros((data.GRID, data.GRID), dtype=bool)
+        covered = np.zeros((grid, grid), dtype=bool)
         for obj in it.objects:
             covered |= obj.patch_mask
         free = np.flatnonzero(~covered.reshape(-1))
@@ -126,10 +133,10 @@ def ablation_check(model, processor, items: Sequence, mean_items: Sequence, seed
     }
 
 
-def evaluate(model, processor, size: int = 500, seed: int = 0) -> dict:
+def evaluate(model, processor, size: int = 500, seed: int = 0, organism: str = "shapes") -> dict:
     """Held-out accuracy per question type and the ablation check, on ``ShapesDataset("test", seed)``."""
-    items = list(data.ShapesDataset(split="test", seed=seed, size=size))
-    mean_items = list(data.ShapesDataset(split="test", seed=seed + 1000, size=size))
+    items = list(data.ShapesDataset("test", seed, size, organism=organism))
+    mean_items = list(data.ShapesDataset("test", seed + 1000, size, organism=organism))
     accuracy = accuracy_by_type(items, predictions(model, processor, items))
     return {"test_accuracy": accuracy, "ablation": ablation_check(model, processor, items, mean_items, seed)}
 
