@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import hf_cases  # noqa: E402
 from models import SHAPES, Shape, build_folder, make_inputs  # noqa: E402
 from probes import probe  # noqa: E402
 from report import cache_memory_setting, machine_info, write_report  # noqa: E402
@@ -49,15 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_models(folder: Path, shape: Shape, device: str):
-    from transformers import LlavaForConditionalGeneration
-
     from vlm_lens import HookedVLM
 
-    hf = {impl: LlavaForConditionalGeneration.from_pretrained(folder, dtype=shape.dtype,
-                                                              attn_implementation=impl).to(device).eval()
-          for impl in ("eager", "sdpa")}
-    vlm = HookedVLM.from_pretrained_no_processing(str(folder), dtype=shape.dtype, device=device)
-    return hf, vlm
+    hf = hf_cases.load_hf(folder, shape.dtype, device)
+    return hf, HookedVLM.from_pretrained_no_processing(str(folder), dtype=shape.dtype, device=device)
 
 
 def forward_cases(hf: dict, vlm, tokens: torch.Tensor, pixels: torch.Tensor) -> dict:
@@ -74,8 +70,7 @@ def forward_cases(hf: dict, vlm, tokens: torch.Tensor, pixels: torch.Tensor) -> 
             install_fast_components(vlm)
 
     return {
-        "hf_eager": lambda: hf["eager"](input_ids=tokens, pixel_values=pixels).logits,
-        "hf_sdpa": lambda: hf["sdpa"](input_ids=tokens, pixel_values=pixels).logits,
+        **hf_cases.forward_cases(hf, tokens, pixels),
         "vlm_forward": lambda: vlm(tokens, pixel_values=pixels),
         "vlm_forward_tl_components": plain_transformer_lens,
         "vlm_cache_all": lambda: vlm.run_with_cache(tokens, pixel_values=pixels),
@@ -87,16 +82,8 @@ def forward_cases(hf: dict, vlm, tokens: torch.Tensor, pixels: torch.Tensor) -> 
 
 
 def generate_cases(hf: dict, vlm, tokens: torch.Tensor, pixels: torch.Tensor, n_new: int) -> dict:
-    mask = torch.ones_like(tokens)
-
-    def hf_generate(impl):
-        return lambda: hf[impl].generate(input_ids=tokens, attention_mask=mask, pixel_values=pixels,
-                                         max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                         pad_token_id=0)[:, tokens.shape[1]:]
-
     return {
-        "hf_generate_sdpa": hf_generate("sdpa"),
-        "hf_generate_eager": hf_generate("eager"),
+        **hf_cases.generate_cases(hf, tokens, pixels, n_new),
         "vlm_generate": lambda: vlm.generate(tokens, pixel_values=pixels, max_new_tokens=n_new,
                                              stop_at_eos=False, return_type="new_tokens"),
     }
@@ -185,11 +172,13 @@ def main(argv: list[str] | None = None) -> dict:
         tokens, pixels = (t.to(device) for t in make_inputs(shape, 1))
         print(f"[{shape.name}] generate {n_new} tokens, batch 1", flush=True)
         cases = generate_cases(hf, vlm, tokens, pixels, n_new)
-        same = torch.equal(cases["hf_generate_sdpa"]().cpu(), cases["vlm_generate"]().cpu())
+        hf_tokens = cases["hf_generate_sdpa"]().cpu()
+        same = torch.equal(hf_tokens, cases["vlm_generate"]().cpu())
         timing = interleaved(cases, max(1, rounds // 2), device=device)
         for case in timing.values():
             case["tokens_per_s"] = n_new / case["median_s"]
-        results["generate"] = {"new_tokens": n_new, "batch": 1, "same_tokens_as_hf": same, "cases": timing}
+        results["generate"] = {"new_tokens": n_new, "batch": 1, "same_tokens_as_hf": same, "cases": timing,
+                               "hf_tokens": hf_tokens.tolist()}
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["machine"]["cache_memory"] = cache_memory_setting()
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
