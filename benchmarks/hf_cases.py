@@ -18,15 +18,20 @@ def load_hf(folder: Path, dtype: torch.dtype, device: str) -> dict:
     """``LlavaForConditionalGeneration`` from ``folder``, once per attention implementation."""
     from transformers import LlavaForConditionalGeneration
 
-    return {impl: LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype,
-                                                                attn_implementation=impl).to(device).eval()
-            for impl in ATTENTION}
+    return {
+        impl: LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation=impl)
+        .to(device)
+        .eval()
+        for impl in ATTENTION
+    }
 
 
 def forward_cases(hf: dict, tokens: torch.Tensor, pixels: torch.Tensor) -> dict:
     """``hf_eager`` and ``hf_sdpa``: the forward pass (the floor is the faster of the two)."""
-    return {f"hf_{impl}": (lambda impl=impl: hf[impl](input_ids=tokens, pixel_values=pixels).logits)
-            for impl in ATTENTION}
+    return {
+        f"hf_{impl}": (lambda impl=impl: hf[impl](input_ids=tokens, pixel_values=pixels).logits)
+        for impl in ATTENTION
+    }
 
 
 def generate_cases(hf: dict, tokens: torch.Tensor, pixels: torch.Tensor, n_new: int) -> dict:
@@ -34,9 +39,15 @@ def generate_cases(hf: dict, tokens: torch.Tensor, pixels: torch.Tensor, n_new: 
     mask = torch.ones_like(tokens)
 
     def hf_generate(impl):
-        return lambda: hf[impl].generate(input_ids=tokens, attention_mask=mask, pixel_values=pixels,
-                                         max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                         pad_token_id=PAD_TOKEN_ID)[:, tokens.shape[1]:]
+        return lambda: hf[impl].generate(
+            input_ids=tokens,
+            attention_mask=mask,
+            pixel_values=pixels,
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
+            pad_token_id=PAD_TOKEN_ID,
+        )[:, tokens.shape[1] :]
 
     return {f"hf_generate_{impl}": hf_generate(impl) for impl in reversed(ATTENTION)}
 

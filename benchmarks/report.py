@@ -7,6 +7,7 @@ import platform
 from pathlib import Path
 
 import torch
+from peers.report import peer_table
 from probes import IMPORT_LINES
 
 MB = 1024 * 1024
@@ -159,6 +160,8 @@ def write_report(results: dict, path: Path) -> str:
               f"(same tokens as HF: {gen['same_tokens_as_hf']})", "",
               "| case | median s | tokens/s |", "|---|---:|---:|"]
     lines += [f"| {k} | {c['median_s']:.3f} | {c['tokens_per_s']:.2f} |" for k, c in gen["cases"].items()]
+    if "peers" in results:
+        lines += [""] + peer_table(results["peers"])
     if "import" in results:
         lines += _probe_tables(results)
     lines += ["", "### Activation cache size", "", "| batch | filter | tensors | MiB (sum) | MiB (storages held) |",

@@ -10,6 +10,7 @@ Writes ``results/<config>.json`` and ``results/<config>.md`` (or under ``--out``
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import hf_cases  # noqa: E402
 from models import SHAPES, Shape, build_folder, make_inputs  # noqa: E402
+from peers import compare as peers_compare  # noqa: E402
 from probes import probe  # noqa: E402
 from report import cache_memory_setting, machine_info, write_report  # noqa: E402
 from timing import interleaved, tensor_bytes  # noqa: E402
@@ -46,7 +48,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="vlm_lens.reuse_cache_memory(True) for the whole run (default: off, as in the library)")
     p.add_argument("--folder", type=Path, default=None, help="reuse/build the model folder here")
     p.add_argument("--out", type=Path, default=RESULTS, help="where to write <config>.json/.md")
-    return p.parse_args(argv)
+    p.add_argument("--peers", type=peers_compare.parse, default=[],
+                   help="also measure these libraries at batch 1, comma-separated: nnsight, tl-bridge")
+    p.add_argument("--tl-bridge-python", default=None,
+                   help="Python of an environment with transformer-lens>=4, for --peers tl-bridge (README.md)")
+    args = p.parse_args(argv)
+    if "tl-bridge" in args.peers and not args.tl_bridge_python:
+        p.error("--peers tl-bridge needs --tl-bridge-python /path/to/venv/bin/python (see benchmarks/README.md)")
+    if "nnsight" in args.peers and importlib.util.find_spec("nnsight") is None:
+        p.error("--peers nnsight needs nnsight: pip install -e '.[peers]'")
+    if args.peers and 1 not in (args.batches or [1]):
+        p.error("--peers measures batch 1: include 1 in --batches")
+    return args
 
 
 def load_models(folder: Path, shape: Shape, device: str):
@@ -179,6 +192,11 @@ def main(argv: list[str] | None = None) -> dict:
             case["tokens_per_s"] = n_new / case["median_s"]
         results["generate"] = {"new_tokens": n_new, "batch": 1, "same_tokens_as_hf": same, "cases": timing,
                                "hf_tokens": hf_tokens.tolist()}
+        if args.peers:
+            results["peers"] = peers_compare.run(
+                args.peers, results=results, folder=folder, hf=hf, vlm=vlm, tokens=tokens, pixels=pixels,
+                n_new=n_new, rounds=rounds, device=device, dtype=shape.dtype,
+                tl_bridge_python=args.tl_bridge_python)
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["machine"]["cache_memory"] = cache_memory_setting()
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
