@@ -3,6 +3,7 @@
     python benchmarks/run.py                      # the CPU model of the issue (about 30 min on 2 cores)
     python benchmarks/run.py --quick              # smaller model, fewer rounds (a few minutes)
     python benchmarks/run.py --config llava-7b    # LLaVA-1.5-7B shapes, bf16, needs a CUDA GPU
+    python benchmarks/run.py --peers nnsight,tl-bridge --tl-bridge-python /work/venvs/tl4/bin/python
 
 Writes ``results/<config>.json`` and ``results/<config>.md`` (or under ``--out``). See README.md.
 """
