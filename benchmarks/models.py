@@ -51,6 +51,8 @@ class Shape:
         return self.n_image_tokens + self.text_tokens
 
 
+# One row per configuration, kept as a table.
+# fmt: off
 SHAPES = {
     # The CPU model: CLIP ViT-B/16 at 224 px, an 8-layer 1024-wide Llama, fp32.
     "cpu": Shape("cpu", 224, 16, 12, 768, 12, 3072, 8, 1024, 16, 16, 2816, 32064,
@@ -64,25 +66,45 @@ SHAPES = {
     "llava-7b": Shape("llava-7b", 336, 14, 24, 1024, 16, 4096, 32, 4096, 32, 32, 11008, 32064,
                       torch.bfloat16, "cuda", (1, 8)),
 }
+# fmt: on
 
 
 def llava_config(shape: Shape):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     text = LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.lm_width, intermediate_size=shape.lm_mlp,
-        num_hidden_layers=shape.lm_layers, num_attention_heads=shape.lm_heads,
-        num_key_value_heads=shape.lm_kv_heads, max_position_embeddings=4096, rms_norm_eps=1e-5,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        vocab_size=shape.vocab,
+        hidden_size=shape.lm_width,
+        intermediate_size=shape.lm_mlp,
+        num_hidden_layers=shape.lm_layers,
+        num_attention_heads=shape.lm_heads,
+        num_key_value_heads=shape.lm_kv_heads,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
     )
     vision = CLIPVisionConfig(
-        hidden_size=shape.v_width, intermediate_size=shape.v_mlp, num_hidden_layers=shape.v_layers,
-        num_attention_heads=shape.v_heads, image_size=shape.image_size, patch_size=shape.patch_size,
-        hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=shape.v_width,
+        hidden_size=shape.v_width,
+        intermediate_size=shape.v_mlp,
+        num_hidden_layers=shape.v_layers,
+        num_attention_heads=shape.v_heads,
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=shape.v_width,
     )
     return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID, projector_hidden_act="gelu",
-        vision_feature_layer=-2, vision_feature_select_strategy="default", multimodal_projector_bias=True,
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        multimodal_projector_bias=True,
     )
 
 
