@@ -60,10 +60,13 @@ def answer_positions(model: HookedVLM, inputs: VLMInputs, batch: Sequence[Any]) 
     apart by every row ending in its item's answer tokens), each answer token but the last.
 
     Example (a hook factory that stops the answer from reading the image):
+        >>> from vlm_lens.analysis import knockout_hooks
         >>> def hide_image(inputs, batch):
         ...     image = [inputs.layout.grid(b).flatten() for b in range(len(batch))]
-        ...     return knockout_hooks(answer_positions(model, inputs, batch), image, "all", n_layers=model.cfg.n_layers)
-        >>> evaluate(model, items, hooks=hide_image).accuracy
+        ...     where = answer_positions(model, inputs, batch)
+        ...     return knockout_hooks(where, image, "all", n_layers=model.cfg.n_layers)
+        >>> evaluate(model, items).accuracy, evaluate(model, items, hooks=hide_image).accuracy
+        (1.0, 0.375)
     """
     ids = [answer_tokens(model.tokenizer, it.answer) for it in batch]
     ends = [int(inputs.attention_mask[b].nonzero().max()) for b in range(len(batch))]

@@ -13,12 +13,20 @@ teacher forcing (``analysis.evaluate``), and "the answer positions" are every po
 answer token (``analysis.answer_positions``). Each study returns a plain dataclass whose ``table()`` is
 Markdown.
 
->>> from vlm_lens import organism
+On the shipped ``shapes`` organism (``organism.load(name="scenes")`` and ``organism="scenes"`` items for the
+8 x 8 one):
+
 >>> from vlm_lens.organism import studies
->>> model = organism.load(name="scenes")
->>> items = organism.ShapesDataset("test", seed=0, size=70, organism="scenes")
->>> mean = studies.mean_token(model, organism.ShapesDataset("test", seed=1, size=64, organism="scenes"))
->>> print(studies.object_ablation(model, items, mean).table())  # doctest: +SKIP
+>>> data = organism.ShapesDataset("test", seed=0, size=28)
+>>> mean = studies.mean_token(model, organism.ShapesDataset("test", seed=1, size=32))
+>>> row = studies.object_ablation(model, data, mean, buffers=(0,)).row("all", 0)
+>>> row.object_drop > 50, row.random_drop < 10
+(True, True)
+>>> knockout = studies.knockout_windows(model, data, window=2, buffer=0)
+>>> knockout.starts, knockout.accuracy["object"][-1] < knockout.baseline
+([0, 1, 2], True)
+>>> studies.logit_lens_hits(model, data).n_object_patches
+59
 """
 
 from __future__ import annotations
