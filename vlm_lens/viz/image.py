@@ -84,41 +84,89 @@ def _patch_ticks(ax: Any, n: int, length: Number, axis: str) -> None:
         ax.set_yticks(centres, [str(i) for i in idx])
 
 
+def _new_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """(figure, axes): ``ax``'s, or a new figure with its own Agg canvas (no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _draw_grid(ax: Any, rows: int, cols: int, width: Number, height: Number, outline: Any = None) -> None:
+    """Patch borders over the image, and a red outline around each cell where ``outline`` is True."""
+    from matplotlib.patches import Rectangle
+
+    for c in range(1, cols):
+        ax.axvline(c * width / cols, color="white", linewidth=0.8, alpha=0.7)
+    for r in range(1, rows):
+        ax.axhline(r * height / rows, color="white", linewidth=0.8, alpha=0.7)
+    if outline is not None:
+        for r, c in np.argwhere(np.asarray(outline, dtype=bool)):
+            ax.add_patch(Rectangle((c * width / cols, r * height / rows), width / cols, height / rows,
+                                   fill=False, edgecolor="#ff3b30", linewidth=2.5))
+
+
+def image_grid(image: Any, grid_shape: tuple[int, int], *, outline: Any = None, ax: Any = None,
+               title: str | None = None, size: Number = 6.4) -> Any:
+    """The image with its patch grid drawn over it (and the cells where ``outline`` is True outlined in
+    red, e.g. an object's patch mask); returns the matplotlib ``Figure`` (``size`` inches a side).
+
+    Example:
+        >>> fig = viz.image_grid(item.image, item.target_mask.shape, outline=item.target_mask)
+        >>> viz.save_figure(fig, "grid.png").name
+        'grid.png'
+    """
+    rows, cols = grid_shape
+    if outline is not None and np.asarray(outline).shape != (rows, cols):
+        raise ValueError(f"outline has shape {np.asarray(outline).shape}; give a bool mask of the grid, {rows}x{cols}.")
+    pixels = _rgb_array(image)
+    fig, ax = _new_axes(ax, (size, size))
+    height, width = pixels.shape[:2]
+    ax.imshow(pixels, extent=(0, width, height, 0), interpolation="nearest")
+    _draw_grid(ax, rows, cols, width, height, outline)
+    _patch_ticks(ax, cols, width, "x")
+    _patch_ticks(ax, rows, height, "y")
+    ax.set_xlabel("patch column")
+    ax.set_ylabel("patch row")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
 def image_heatmap(image: Any, values: Any, *, alpha: Number = 0.5, ax: Any = None, title: str | None = None,
                   cmap: str = "viridis", vmin: Number | None = None, vmax: Number | None = None,
-                  colorbar: bool = True) -> Any:
+                  colorbar: bool = True, grid: bool = False) -> Any:
     """Draw a per-patch value grid over the image; returns the matplotlib ``Figure``.
 
     ``values`` is [rows, cols] (tensor or array). The grid is stretched over the whole image, so cell
-    (r, c) lies exactly over patch (r, c); ticks are patch indices. Pass ``ax`` to draw into your own
-    axes. No pyplot state is touched (the figure has its own Agg canvas).
+    (r, c) lies exactly over patch (r, c); ticks are patch indices, and ``grid=True`` draws the patch
+    borders. Pass ``ax`` to draw into your own axes. No pyplot state is touched (the figure has its own
+    Agg canvas).
 
     Example:
         >>> fig = viz.image_heatmap(img, viz.attention_to_image(model, inputs), title="last token")
         >>> viz.save_figure(fig, "attention.png").name
         'attention.png'
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
-    pixels, grid = _rgb_array(image), _value_grid(values)
-    if ax is None:
-        fig = Figure(figsize=(5.0, 4.2))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
+    pixels, cells = _rgb_array(image), _value_grid(values)
+    fig, ax = _new_axes(ax, (5.0, 4.2))
     height, width = pixels.shape[:2]
     extent = (0, width, height, 0)
     ax.imshow(pixels, extent=extent, interpolation="nearest")
-    overlay = ax.imshow(grid, extent=extent, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax,
+    overlay = ax.imshow(cells, extent=extent, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax,
                         interpolation="nearest")
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
-    _patch_ticks(ax, grid.shape[1], width, "x")
-    _patch_ticks(ax, grid.shape[0], height, "y")
+    if grid:
+        _draw_grid(ax, *cells.shape, width, height)
+    _patch_ticks(ax, cells.shape[1], width, "x")
+    _patch_ticks(ax, cells.shape[0], height, "y")
     ax.set_xlabel("patch column")
     ax.set_ylabel("patch row")
     if title:
