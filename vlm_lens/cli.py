@@ -37,18 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from vlm_lens.demo import DemoConfig, run_demo
 
     try:
-        index = run_demo(
-            DemoConfig(
-                out=Path(args.out),
-                model=args.model,
-                organism=args.organism,
-                image=args.image,
-                prompt=args.prompt,
-                device=args.device,
-                n_eval=args.n_eval,
-                window=args.window,
-            )
-        )
+        options = {k: v for k, v in vars(args).items() if k not in ("command", "out")}  # DemoConfig's fields
+        index = run_demo(DemoConfig(out=Path(args.out), **options))
     except (ValueError, FileNotFoundError) as err:
         print(f"vlm-lens demo: {err}", file=sys.stderr)
         return 2
