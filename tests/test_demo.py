@@ -200,3 +200,13 @@ def test_scenes_report_renders_in_a_browser(scenes_report, tmp_path):
         _no_console_errors(driver)
     finally:
         driver.quit()
+
+
+def test_the_default_item_is_one_the_model_answers_right(caplog):
+    from vlm_lens import analysis, organism
+    from vlm_lens.demo import pick_item
+
+    model = organism.load()  # the shapes organism: trained, so some candidates are right
+    item = pick_item(model, "shapes")
+    assert item.question_type == "colour_of_shape" and bool(analysis.evaluate(model, [item]).correct[0])
+    assert not caplog.records
