@@ -77,6 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-size", type=int, default=300)
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="folder where the model is saved at every validation (overwritten), to resume with --init",
+    )
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.organism].items():
         if getattr(args, key) is None:
@@ -244,6 +249,9 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             val = sanity.accuracy_by_type(val_items, sanity.predictions(model, processor, val_items))
             tqdm.write(f"step {step + 1}: validation " + " ".join(f"{k}={v:.3f}" for k, v in val.items()))
+            if args.checkpoint:
+                model.save_pretrained(args.checkpoint)
+                processor.save_pretrained(args.checkpoint)
     return model, processor
 
 
