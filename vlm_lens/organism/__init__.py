@@ -1,16 +1,17 @@
 """The model organisms: tiny LLaVA-1.5 models trained on synthetic shapes with known patch-level ground truth.
 
-Two ship with the package (``available()``):
-
-- ``"shapes"`` (the default): 48 px images on a 3 x 3 grid of 16 px patches, one to three objects, one
-  object per patch, a 4-layer language model; four one-word question types.
+- ``"shapes"`` (the default, shipped): 48 px images on a 3 x 3 grid of 16 px patches, one to three
+  objects, one object per patch, a 4-layer language model; four one-word question types.
 - ``"scenes"``: 96 px images on an 8 x 8 grid of 12 px patches, one to five objects that span and straddle
-  patches on a noisy, cluttered background, an 8-layer language model; seven question types including
-  counting, relative position and a two-word description.
+  patches on a noisy, cluttered background, for an 8-layer language model; seven question types including
+  counting, relative position and a two-word description. Its scene generator and training command exist;
+  its weights do not ship yet (no training run has reached the 95 % per-type bar; see README.md here).
+
+``available()`` lists the organisms whose weights ship:
 
 >>> from vlm_lens import organism
 >>> organism.available()
-('shapes', 'scenes')
+('shapes',)
 >>> item = organism.ShapesDataset(split="test", seed=0, size=10)[0]
 >>> item.prompt.endswith("<image> ASSISTANT:")
 True
