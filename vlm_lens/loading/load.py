@@ -1,11 +1,12 @@
 """Loading HF checkpoints into a HookedVLM: strict, and never two full copies of the weights at once.
 
-transformers builds the HF model from safetensors read one tensor at a time (``loading/checkpoint.py``); the
-model is converted into a state dict of views of its tensors and dropped; then the weights move into a
-HookedVLM whose parameters were allocated but never written (so never resident): vision and projector
-tensors one at a time, language-model weights one block at a time through TransformerLens's processing
-(``_tl/processing.py``). Each source tensor is freed as soon as it has moved, so the peak is about one copy
-of the weights plus one block (benchmarks/results/ has the measured figures).
+transformers builds the HF model from safetensors, memory-mapped (or read one tensor at a time where loading
+casts; ``loading/checkpoint.py``); the model is converted into a state dict of views of its tensors and
+dropped; then the weights move into a HookedVLM whose parameters were allocated but never written (so never
+resident): vision and projector tensors one at a time, language-model weights one block at a time through
+weight processing (``_tl/processing.py``: in place for RMS-normed models, so only the weights that change are
+written, once). Each source tensor is freed as soon as it has moved, so the peak is about one copy of the
+weights plus one block (benchmarks/results/ has the measured figures).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from vlm_lens._memory import Trimmer, release_freed_memory
-from vlm_lens._tl.processing import folded_config, process_group
+from vlm_lens._tl.processing import folded_config, process_group, require_supported
 from vlm_lens._tl.weights import set_parameter
 from vlm_lens.architectures.checks import require_exact_keys
 from vlm_lens.architectures.registry import architecture_of, get_spec
@@ -28,7 +29,7 @@ from vlm_lens.loading.checkpoint import (
     load_hf_model,
     safetensors_files,
 )
-from vlm_lens.loading.weights import LM_PREFIXES, drain, lm_groups, processed_keys
+from vlm_lens.loading.weights import LM_PREFIXES, drain, lm_groups, processed_keys, shared_memory_keys
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,7 @@ def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, pr
     try:
         files = safetensors_files(name_or_path, **hf_kwargs)
         if files is not None:
-            hf_model, info = load_hf_model(spec.hf_class(), config, files, dtype, device=device,
-                                           mapped=not any(processing.values()), **hf_kwargs)
+            hf_model, info = load_hf_model(spec.hf_class(), config, files, dtype, device=device, **hf_kwargs)
         elif allow_pickle:
             hf_model, info = spec.hf_class().from_pretrained(
                 name_or_path, dtype=dtype, use_safetensors=False, output_loading_info=True,
@@ -107,8 +107,9 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
     """Convert an HF model. ``hf_model`` may be a one-element list, which is emptied to free it early.
 
     Weights move into the HookedVLM one tensor at a time (vision, projector) or one group at a time
-    (language model: embedding, each block's attention and MLP, unembedding, where processing makes new
-    tensors); each source tensor is released once it has been moved.
+    (language model: embedding, each block's attention and MLP, unembedding, which processing writes into;
+    a model passed in, not in a list, is the caller's: what processing writes is copied first); each source
+    tensor is released once it has been moved.
     """
     holder = hf_model if isinstance(hf_model, list) else [hf_model]
     model = holder[0]
@@ -127,11 +128,16 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
         logger.warning("center_unembed is off for %s: its logits are soft-capped.", spec.name)
         processing = {**processing, "center_unembed": False}
     process = any(processing.values())
+    if process:
+        require_supported(cfg)
     fold = bool(processing.get("fold_ln"))
     tokenizer = getattr(processor, "tokenizer", None)
     vlm = cls(folded_config(cfg) if fold else cfg, vlm_cfg, tokenizer=tokenizer, processor=processor,
               move_to_device=False, fast=fast)
     params = _check_state(vlm, state, processed_keys(state, fold))
+    # Processing writes into the weights: those of a model we were handed, and those sharing memory with
+    # another weight (tied embeddings), are copied first.
+    copy_first = set(state) if not isinstance(hf_model, list) else shared_memory_keys(state) if process else set()
     trimmer = Trimmer(sum(p.numel() * p.element_size() for p in params.values()) // 50)
     for key in [k for k in state if not k.startswith(LM_PREFIXES)]:
         trimmer.freed(_assign(vlm, params, key, state.pop(key), dtype))
@@ -139,8 +145,7 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
         part = {k: state.pop(k) for k in keys}
         if process:
             with torch.no_grad():
-                part = process_group(name, part, cfg, processing)
-            release_freed_memory()  # the group's intermediate copies
+                part = process_group(name, part, cfg, processing, copy_first)
         for key, tensor in drain(part):
             trimmer.freed(_assign(vlm, params, key, tensor, dtype))
     release_freed_memory()
