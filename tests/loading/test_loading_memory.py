@@ -72,3 +72,18 @@ def test_pickle_checkpoint_loads_with_the_flag(tmp_path):
     with torch.no_grad():
         diff = (model(tokens, pixel_values=pixels) - hf.eval()(input_ids=tokens, pixel_values=pixels).logits)
     assert diff.abs().max() <= 1e-4
+
+
+def test_processing_in_place_never_writes_the_checkpoint(tmp_path):
+    """Processing writes into weights memory-mapped from the file: the mapping must be private."""
+    import hashlib
+
+    path, _ = save_llava(tmp_path, tiny_llava_config("qwen2"))
+    digest = lambda: hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    before = digest()
+    raw = HookedVLM.from_pretrained_no_processing(str(path))
+    processed = HookedVLM.from_pretrained(str(path))
+    assert not torch.equal(processed.blocks[0].attn.W_Q, raw.blocks[0].attn.W_Q)  # it did write
+    assert digest() == before
+    again = HookedVLM.from_pretrained_no_processing(str(path))
+    assert torch.equal(again.blocks[0].attn.W_Q, raw.blocks[0].attn.W_Q)

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from vlm_lens._memory import populate_for_write
 from vlm_lens.loading.weights import FOLDED_NORMS
 
 # Rows of the unembedding processed at a time in float32 when it is stored in half precision.
@@ -90,6 +91,8 @@ def _process_in_place(
     def writable(key: str) -> torch.Tensor:
         if key in copy_first:
             part[key] = part[key].clone()  # keeps the strides: HF's layout stays a transposed view
+        else:
+            populate_for_write(part[key])  # a memory-mapped weight: its pages copied once, up front
         return part[key]
 
     if name.startswith("blocks."):

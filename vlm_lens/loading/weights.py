@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from vlm_lens._memory import span_bytes
+
 # Only the language model's own weights are processed (vision tower, projector and extras such as
 # LLaVA-NeXT's image_newline are left as they are).
 LM_PREFIXES = ("embed.", "pos_embed.", "blocks.", "ln_final.", "unembed.")
@@ -46,7 +48,7 @@ def shared_memory_keys(state: dict[str, torch.Tensor]) -> set[str]:
     """Keys whose tensors share memory with another key's (tied embeddings, say): processing in place must
     copy them before writing. Spans are compared, so views of one buffer count as sharing only where they
     overlap (the rows of a fused q/k/v weight do not)."""
-    spans = sorted((t.data_ptr(), t.data_ptr() + _span_bytes(t), k) for k, t in state.items()
+    spans = sorted((t.data_ptr(), t.data_ptr() + span_bytes(t), k) for k, t in state.items()
                    if t.device.type != "meta" and t.numel())
     shared, end, owner = set(), -1, None
     for start, stop, key in spans:
@@ -55,10 +57,6 @@ def shared_memory_keys(state: dict[str, torch.Tensor]) -> set[str]:
         if stop > end:
             end, owner = stop, key
     return shared
-
-
-def _span_bytes(t: torch.Tensor) -> int:
-    return (1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))) * t.element_size()
 
 
 def drain(d: dict) -> Iterator[tuple[str, Any]]:
