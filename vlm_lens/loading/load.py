@@ -54,7 +54,7 @@ def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, pr
     dtype = resolve_dtype(dtype)
     hf_kwargs.pop("trust_remote_code", None)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **hf_kwargs)
-    spec = get_spec(architecture_of(config))
+    spec = get_spec(architecture_of(config), getattr(config, "model_type", None))
     try:
         files = safetensors_files(name_or_path, **hf_kwargs)
         if files is not None:
@@ -117,7 +117,7 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
     model = holder[0]
     dtype = resolve_dtype(dtype) or next(model.parameters()).dtype
     device = device or next(model.parameters()).device
-    spec = get_spec(architecture_of(model.config) or type(model).__name__)
+    spec = get_spec(architecture_of(model.config) or type(model).__name__, getattr(model.config, "model_type", None))
     cfg, vlm_cfg = spec.build_configs(model.config, dtype, str(device))
     with torch.no_grad():  # views without autograd graphs, which would keep HF's parameters alive
         state = {k: v.detach() for k, v in spec.convert_weights(model, cfg, vlm_cfg).items()}
