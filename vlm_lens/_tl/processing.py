@@ -178,11 +178,13 @@ def _process_unembed(
     w_u = writable("unembed.W_U")
     scale = None if norm is None else _norm_scale(norm, cfg)[:, None]
     exact = w_u.dtype == torch.float32
-    # Half precision: float32 a slice at a time, rounded once at the end (TransformerLens upcasts it all).
+    # Half precision: float32 a slice of rows at a time, rounded once at the end (TransformerLens upcasts it
+    # all), in one buffer laid out like W_U's HF storage so that the means sum in the same order.
     step = w_u.shape[0] if exact else _UNEMBED_ROWS
+    buffer = None if exact else torch.empty(w_u.shape[1], step, dtype=torch.float32, device=w_u.device)
     for start in range(0, w_u.shape[0], step):
         rows = slice(start, start + step)
-        block = w_u[rows] if exact else w_u[rows].float()
+        block = w_u[rows] if exact else buffer[:, : w_u[rows].shape[0]].T.copy_(w_u[rows])
         if scale is not None:
             block.mul_(scale[rows])
         if center:
