@@ -24,3 +24,19 @@ def test_a_second_registration_of_a_name_raises():
 def test_unknown_architecture_lists_the_supported_ones():
     with pytest.raises(ValueError, match="LlavaNextForConditionalGeneration"):
         get_spec("GPT2LMHeadModel")
+
+
+def test_lookup_imports_the_family_named_by_model_type_first():
+    """Loading a LLaVA checkpoint imports the llava family only; a model_type with no folder of its own
+    (Mistral 3, registered by the pixtral family) falls back to importing every family."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from vlm_lens.architectures import get_spec\n"
+        "assert get_spec('LlavaForConditionalGeneration', 'llava').family == 'llava'\n"
+        "assert not any(m.startswith('vlm_lens.architectures.qwen') for m in sys.modules)\n"
+        "assert get_spec('Mistral3ForConditionalGeneration', 'mistral3').family == 'pixtral'\n"
+        "assert 'vlm_lens.architectures.qwen3_vl' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
