@@ -89,8 +89,15 @@ def _with_tl_components(vlm, tokens: torch.Tensor, pixels: torch.Tensor) -> torc
         install_fast_components(vlm)
 
 
-def run(config: str, lm_layers: int | None, dtype: str, device: str, rounds: int, folder: Path | None,
-        tl_components: bool = True) -> dict:
+def run(
+    config: str,
+    lm_layers: int | None,
+    dtype: str,
+    device: str,
+    rounds: int,
+    folder: Path | None,
+    tl_components: bool = True,
+) -> dict:
     from transformers import LlavaForConditionalGeneration
 
     from vlm_lens import HookedVLM
@@ -102,17 +109,24 @@ def run(config: str, lm_layers: int | None, dtype: str, device: str, rounds: int
         path = Path(tmp)
         if not (path / "config.json").exists():
             build_folder(shape, path)
-        hf = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, device_map={"": device},
-                                                           attn_implementation="sdpa").eval()
+        hf = LlavaForConditionalGeneration.from_pretrained(
+            path, dtype=torch_dtype, device_map={"": device}, attn_implementation="sdpa"
+        ).eval()
         vlm = HookedVLM.from_pretrained_no_processing(str(path), device=device, dtype=torch_dtype)
         tokens, pixels = make_inputs(shape, 1)
         tokens, pixels = tokens.to(device), pixels.to(device=device, dtype=torch_dtype)
         parts = components(hf, vlm)
         vlm_timer = Timer({k: v[1] for k, v in parts.items()}, device)
-        timers = {"hf": Timer({k: v[0] for k, v in parts.items()}, device), "vlm": vlm_timer, "vlm_tl": vlm_timer}
-        calls = {"hf": lambda: hf(input_ids=tokens, pixel_values=pixels).logits,
-                 "vlm": lambda: vlm(tokens, pixel_values=pixels),
-                 "vlm_tl": lambda: _with_tl_components(vlm, tokens, pixels)}
+        timers = {
+            "hf": Timer({k: v[0] for k, v in parts.items()}, device),
+            "vlm": vlm_timer,
+            "vlm_tl": vlm_timer,
+        }
+        calls = {
+            "hf": lambda: hf(input_ids=tokens, pixel_values=pixels).logits,
+            "vlm": lambda: vlm(tokens, pixel_values=pixels),
+            "vlm_tl": lambda: _with_tl_components(vlm, tokens, pixels),
+        }
         if not tl_components:
             del calls["vlm_tl"]
         samples: dict[str, list[dict]] = {name: [] for name in calls}
@@ -128,11 +142,20 @@ def run(config: str, lm_layers: int | None, dtype: str, device: str, rounds: int
                         torch.cuda.synchronize()
                     samples[name].append({"total": time.perf_counter() - start, **timers[name].take()})
     labels = ["total", *parts]
-    medians = {name: {k: statistics.median(s[k] for s in runs) for k in labels} for name, runs in samples.items()}
-    return {"name": f"forward_{config}_{shape.lm_layers}l_{dtype}_{device.split(':')[0]}", "seq_len": int(tokens.shape[1]),
-            "shape": {k: str(v) for k, v in vars(shape).items()}, "machine": machine_info(device),
-            "rounds": rounds, "median_s": medians, "samples": samples, "loadavg_end": os.getloadavg(),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    medians = {
+        name: {k: statistics.median(s[k] for s in runs) for k in labels} for name, runs in samples.items()
+    }
+    return {
+        "name": f"forward_{config}_{shape.lm_layers}l_{dtype}_{device.split(':')[0]}",
+        "seq_len": int(tokens.shape[1]),
+        "shape": {k: str(v) for k, v in vars(shape).items()},
+        "machine": machine_info(device),
+        "rounds": rounds,
+        "median_s": medians,
+        "samples": samples,
+        "loadavg_end": os.getloadavg(),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def _group(label: str) -> str:
@@ -149,25 +172,48 @@ def report(r: dict) -> str:
         sums[_group(k)][1] += vlm[k]
     timed = [k for k in hf if k != "total"]
     rest = (hf["total"] - sum(hf[k] for k in timed), vlm["total"] - sum(vlm[k] for k in timed))
-    lines = [f"One image prompt of {r['seq_len']} positions, {r['shape']['dtype']}, {r['machine']['device']}; "
-             f"{m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}; load average "
-             f"{'/'.join(f'{x:.1f}' for x in m['loadavg_start'])} before, "
-             f"{'/'.join(f'{x:.1f}' for x in r['loadavg_end'])} after; finished {r['finished']}. Medians of "
-             f"{r['rounds']} interleaved rounds after a warm-up (`benchmarks/forward_layers.py`).", "",
-             "| component | HF sdpa s | HookedVLM s | ratio |", "|---|---:|---:|---:|"]
+    lines = [
+        f"One image prompt of {r['seq_len']} positions, {r['shape']['dtype']}, {r['machine']['device']}; "
+        f"{m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}; load average "
+        f"{'/'.join(f'{x:.1f}' for x in m['loadavg_start'])} before, "
+        f"{'/'.join(f'{x:.1f}' for x in r['loadavg_end'])} after; finished {r['finished']}. Medians of "
+        f"{r['rounds']} interleaved rounds after a warm-up (`benchmarks/forward_layers.py`).",
+        "",
+        "| component | HF sdpa s | HookedVLM s | ratio |",
+        "|---|---:|---:|---:|",
+    ]
 
     def row(label: str, a: float, b: float) -> str:
-        return f"| {label} | {a:.3f} | {b:.3f} | {b / a:.2f}x |" if a > 0 else f"| {label} | {a:.3f} | {b:.3f} | |"
+        return (
+            f"| {label} | {a:.3f} | {b:.3f} | {b / a:.2f}x |"
+            if a > 0
+            else f"| {label} | {a:.3f} | {b:.3f} | |"
+        )
 
     lines += [row("**whole forward**", hf["total"], vlm["total"])]
     if "vlm_tl" in med:
-        lines += [row("whole forward, TransformerLens's own components (`fast=False`)", hf["total"], med["vlm_tl"]["total"])]
+        lines += [
+            row(
+                "whole forward, TransformerLens's own components (`fast=False`)",
+                hf["total"],
+                med["vlm_tl"]["total"],
+            )
+        ]
     lines += [row(k, hf[k], vlm[k]) for k in ("vision tower", "projector")]
     lines += [row(f"LM layers, {g} (sum of {len(layers) // 4})", a, b) for g, (a, b) in sums.items()]
     lines += [row(k, hf[k], vlm[k]) for k in ("final norm", "unembedding")]
-    lines += [row("outside these modules (embedding, merge, masks)", *rest), "", "Per layer:", "",
-              "| layer | part | HF s | HookedVLM s | ratio |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {k.split(' ')[1]} | {_group(k)} | {hf[k]:.3f} | {vlm[k]:.3f} | {vlm[k] / hf[k]:.2f}x |" for k in layers]
+    lines += [
+        row("outside these modules (embedding, merge, masks)", *rest),
+        "",
+        "Per layer:",
+        "",
+        "| layer | part | HF s | HookedVLM s | ratio |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {k.split(' ')[1]} | {_group(k)} | {hf[k]:.3f} | {vlm[k]:.3f} | {vlm[k] / hf[k]:.2f}x |"
+        for k in layers
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -181,10 +227,19 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-tl-components", action="store_true", help="skip the fast=False case")
     p.add_argument("--folder", type=Path, default=None, help="build the checkpoint here once, and reuse it")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--section", type=Path, default=None, help=f"also write the table as FILE's '{SECTION}' section")
+    p.add_argument(
+        "--section", type=Path, default=None, help=f"also write the table as FILE's '{SECTION}' section"
+    )
     args = p.parse_args(argv)
-    r = run(args.config, args.lm_layers, args.dtype, args.device, args.rounds, args.folder,
-            not args.no_tl_components)
+    r = run(
+        args.config,
+        args.lm_layers,
+        args.dtype,
+        args.device,
+        args.rounds,
+        args.folder,
+        not args.no_tl_components,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{r['name']}.json").write_text(json.dumps(r, indent=1, default=str))
     text = report(r)

@@ -189,3 +189,29 @@ def test_layer_norm_models_are_refused():
     )
     with pytest.raises(ValueError, match="normalization_type='LN'.*from_pretrained_no_processing"):
         process_group("blocks.0.attn", {}, cfg, STEPS)
+
+
+def test_square_mlp_folds_the_norm_into_its_d_model_rows():
+    """With d_mlp == d_model, TransformerLens 3.9's fold guesses the layout from the shape and scales W_in's
+    d_mlp columns instead (checked below); the in-place fold always scales the d_model rows."""
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=8,
+        d_head=2,
+        n_heads=4,
+        d_mlp=8,
+        d_vocab=10,
+        n_ctx=4,
+        act_fn="silu",
+        normalization_type="RMS",
+        gated_mlp=True,
+    )
+    torch.manual_seed(0)
+    w_in, w_gate, ln2 = torch.randn(8, 8), torch.randn(8, 8), torch.rand(8) + 0.5
+    state = {"blocks.0.ln2.w": ln2, "blocks.0.mlp.W_in": w_in.clone(), "blocks.0.mlp.W_gate": w_gate.clone()}
+    tl = ProcessWeights.fold_layer_norm(dict(state), cfg, fold_biases=False, center_weights=False)
+    assert torch.allclose(tl["blocks.0.mlp.W_in"], w_in * ln2[None, :])  # TransformerLens: the d_mlp axis
+    ours = process_group("blocks.0.mlp", state, cfg, STEPS)
+    assert set(ours) == {"blocks.0.mlp.W_in", "blocks.0.mlp.W_gate"}
+    assert torch.equal(ours["blocks.0.mlp.W_in"], w_in * ln2[:, None])
+    assert torch.equal(ours["blocks.0.mlp.W_gate"], w_gate * ln2[:, None])

@@ -59,9 +59,7 @@ def require_supported(cfg: Any) -> None:
 def folded_config(cfg: Any) -> Any:
     """The config of the model that receives folded weights: its norms no longer scale."""
     out = copy.copy(cfg)
-    out.normalization_type = {"RMS": "RMSPre", "LN": "LNPre"}.get(
-        cfg.normalization_type, cfg.normalization_type
-    )
+    out.normalization_type = "RMSPre" if cfg.normalization_type == "RMS" else cfg.normalization_type
     return out
 
 

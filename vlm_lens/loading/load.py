@@ -139,7 +139,12 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
     params = _check_state(vlm, state, processed_keys(state, fold))
     # Processing writes into the weights: those of a model we were handed, and those sharing memory with
     # another weight (tied embeddings), are copied first.
-    copy_first = set(state) if not isinstance(hf_model, list) else shared_memory_keys(state) if process else set()
+    if not process:
+        copy_first: set[str] = set()
+    elif isinstance(hf_model, list):  # ours
+        copy_first = shared_memory_keys(state)
+    else:
+        copy_first = set(state)
     trimmer = Trimmer(sum(p.numel() * p.element_size() for p in params.values()) // 50)
     for key in [k for k in state if not k.startswith(LM_PREFIXES)]:
         trimmer.freed(_assign(vlm, params, key, state.pop(key), dtype))
