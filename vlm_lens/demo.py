@@ -41,6 +41,11 @@ class DemoConfig:
 def _organism_name(cfg: DemoConfig) -> str | None:
     from vlm_lens import organism
 
+    if cfg.organism is None and cfg.model is None and not organism.available():
+        raise FileNotFoundError(
+            "no organism's weights ship with this install; train one with `python -m vlm_lens.organism.train "
+            "--organism shapes --out FOLDER` and pass --model FOLDER --organism shapes, or reinstall vlm_lens"
+        )
     name = cfg.organism or (organism.available()[-1] if cfg.model is None else None)
     if name is None and cfg.image is None:
         raise ValueError("--image is required with --model (or --organism NAME, for that organism's items).")

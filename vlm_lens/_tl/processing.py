@@ -8,8 +8,9 @@ tensors (views of HF's storage), writing into them, one block half at a time (``
 
 - ``fold_ln``: each RMSNorm's weight scales the ``d_model`` rows of the weights that read it (``ln1`` ->
   ``W_Q``, ``W_K``, ``W_V``; ``ln2`` -> ``W_in``, ``W_gate``; ``ln_final`` -> ``W_U``) and the norm is then
-  the identity, so it is dropped (the model is built with ``RMSPre``); a norm whose readers are not all in
-  its group (a cross-attention block's) is left alone, as TransformerLens does;
+  the identity, so it is dropped (the model is built with ``RMSPre``); a norm the model keeps (a
+  cross-attention block's ``ln_cross``) is left alone, as TransformerLens does, while an ``ln1``/``ln2``/
+  ``ln_final`` whose readers are missing from its group is refused with a ``ValueError``;
 - ``center_writing_weights``: LayerNorm only (TransformerLens skips it for RMS), nothing here;
 - ``center_unembed``: ``W_U`` and ``b_U`` minus their means over the vocabulary;
 - ``fold_value_biases``: ``b_O += sum over heads of b_V @ W_O``, then ``b_V = 0``.
@@ -134,8 +135,9 @@ def _fold_norm(
     cfg: Any,
     writable: Callable[[str], torch.Tensor],
 ) -> None:
-    """Scale the ``d_model`` axis of every reader by the norm's weight; the norm leaves ``part``. As in
-    TransformerLens, a norm whose readers are not all there (a cross-attention block's) is left alone."""
+    """Scale the ``d_model`` axis of every reader by the norm's weight; the norm leaves ``part``. A norm whose
+    readers are not all there stays in ``part``: ``process_group`` refuses it if the model drops that norm
+    (``FOLDED_NORMS``), and leaves it alone otherwise (a cross-attention block's, as in TransformerLens)."""
     if norm_key not in part or any(key is None or key not in part for key in readers):
         return
     scale = _norm_scale(part.pop(norm_key), cfg)[index]
@@ -170,8 +172,10 @@ def _process_unembed(
     writable: Callable[[str], torch.Tensor],
 ) -> None:
     """Fold ``ln_final`` into ``W_U`` [d_model, d_vocab] and centre it over the vocabulary, in one pass."""
+    if "unembed.W_U" not in part:
+        return  # ln_final stays in the group: process_group refuses a norm it could not fold
     norm = part.pop("ln_final.w", None) if fold_ln else None
-    if "unembed.W_U" not in part or (norm is None and not center):
+    if norm is None and not center:
         return
     w_u = writable("unembed.W_U")
     scale = None if norm is None else _norm_scale(norm, cfg)[:, None]

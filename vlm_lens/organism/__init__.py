@@ -42,7 +42,8 @@ _FOLDERS = {"shapes": "weights", "scenes": "weights_scenes"}
 
 
 def available() -> tuple[str, ...]:
-    """The names of the organisms whose weights ship with this install; the first is the default. An
+    """The names of the organisms whose weights ship with this install; the first (shapes) is ``load()``'s
+    default, the last (the richest) the demo's. An
     organism whose scene generator exists but whose weights are not shipped (``ShapesDataset(...,
     organism=name)`` still works) is left out; ``load(name=...)`` says how to train it."""
     return tuple(name for name in _FOLDERS if (path(name) / "model.safetensors").exists())

@@ -4,8 +4,8 @@ Each image is ``IMAGE_SIZE`` x ``IMAGE_SIZE`` pixels (96) on a noisy dark backgr
 strokes and specks. One to five objects, with distinct shapes (five) and distinct colours (six), sit in
 distinct cells of a 3 x 3 layout of ``CELL`` (32) pixel cells, each drawn 16 to 24 px wide at a random
 offset inside its cell. The vision tower cuts the image into ``PATCH`` (12) pixel patches, an 8 x 8 grid;
-cells are not aligned with patches, so an object covers two to three patches a side and straddles patch
-borders.
+cells are not aligned with patches, so an object covers one to three patches a side (mostly two or three)
+and most straddle patch borders.
 
 Patch-mask rule (as for the ``shapes`` organism): ``patch_mask[r, c]`` is True iff the 12 x 12 block of
 pixels of patch ``(r, c)`` holds at least one pixel of the object. Two objects in neighbouring cells can
