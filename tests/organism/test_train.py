@@ -1,5 +1,7 @@
 """The training chats: the first turn is the evaluation prompt, and only answers (and </s>) are supervised."""
 
+import pytest
+
 from vlm_lens.organism import ShapesDataset, build, train
 
 
@@ -23,3 +25,36 @@ def test_pool_labels_are_answers_and_end_of_turn():
         for (prev, answer), (_, eos) in zip(supervised[::2], supervised[1::2]):
             assert tok.convert_ids_to_tokens(prev) == ":" and eos == tok.eos_token_id
             assert tok.convert_ids_to_tokens(answer) in train.data.ANSWERS
+
+
+def test_oversampled_indices_give_fresh_images_of_the_asked_type():
+    from vlm_lens.organism import scenes
+
+    plain = train.oversampled_indices(640, 10, None, scenes)
+    assert plain == list(range(640, 650))
+    mixed = train.oversampled_indices(640, 10, "relative:0.4", scenes)
+    assert mixed[4:] == plain[4:] and len(set(mixed)) == 10
+    assert [scenes.make_item("train", 0, i).question_type for i in mixed[:4]] == ["relative"] * 4
+    following = train.oversampled_indices(650, 10, "relative:0.4", scenes)
+    assert not set(following) & set(mixed)  # the next batch's images are new too
+    with pytest.raises(ValueError, match="unknown question type 'size'"):
+        train.oversampled_indices(0, 4, "size:0.5", scenes)
+
+
+def test_vision_loss_asks_shape_only_of_object_patches():
+    import torch
+
+    from vlm_lens.organism import scenes
+
+    torch.manual_seed(0)
+    heads = train.PatchHeads(16, scenes)
+    with torch.no_grad():  # silence the colour and cell heads: what is left is the shape term
+        for head in (heads.colour, heads.cell):
+            head.weight.zero_()
+    tokens = torch.randn(2, scenes.GRID * scenes.GRID, 16, requires_grad=True)
+    labels = build.patch_labels([scenes.make_scene("train", 0, i)[1] for i in range(2)], scenes)
+    heads.vision_loss(tokens, labels).backward()
+    on_object = labels["shape"] > 0
+    assert bool(on_object.any()) and bool((~on_object).any())
+    assert tokens.grad[~on_object].abs().max() == 0  # background patches get no shape loss
+    assert bool((tokens.grad[on_object].abs().sum(-1) > 0).all())
