@@ -226,7 +226,9 @@ def oversampled_indices(start: int, size: int, oversample: str | None, source=da
         return indices
     kind, fraction = oversample.split(":")
     if kind not in source.QUESTION_TYPES:
-        raise ValueError(f"--oversample: unknown question type {kind!r}; expected one of {source.QUESTION_TYPES}")
+        raise ValueError(
+            f"--oversample: unknown question type {kind!r}; expected one of {source.QUESTION_TYPES}"
+        )
     n_types, k = len(source.QUESTION_TYPES), source.QUESTION_TYPES.index(kind)
     n = round(float(fraction) * size)
     indices[:n] = [(10**8 + start + i) * n_types + k for i in range(n)]
@@ -285,7 +287,9 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
 
     captured = {}
     model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.__setitem__("v", o))
-    vision = list(model.model.vision_tower.parameters()) + list(model.model.multi_modal_projector.parameters())
+    vision = list(model.model.vision_tower.parameters()) + list(
+        model.model.multi_modal_projector.parameters()
+    )
     if args.vision_steps:
         vision_stage(model, heads, processor, source, vision, captured, args)
 
