@@ -1,7 +1,7 @@
 """The `vlm-lens demo` report: one image and prompt through every view, written as a folder.
 
-Default: the richest shipped model organism (``organism.available()[-1]``: ``scenes`` when its weights ship,
-else ``shapes``) on a held-out item it answers right. There the ground truth of every
+Default: the richest shipped model organism (``organism.available()[-1]``: ``scenes``; ``shapes`` in an
+install without the scenes weights) on a held-out item it answers right. There the ground truth of every
 patch is known, so the report also runs the seed studies (``vlm_lens.organism.studies``) on a few held-out
 items: the object-ablation table, the logit-lens curve and the attention-knockout window curves.
 ``--model`` with ``--image`` reports on any model (no ground truth); ``--model`` with ``--organism`` runs an

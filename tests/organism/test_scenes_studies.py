@@ -1,5 +1,5 @@
 """organism.studies: the mechanics on an untrained model of the scenes architecture, and the robust findings
-of the seed studies on the trained scenes organism (when its weights are in the package)."""
+of the seed studies on the shipped, trained scenes organism."""
 
 import numpy as np
 import pytest
@@ -8,13 +8,6 @@ from PIL import Image
 
 from vlm_lens import HookedVLM, analysis, organism
 from vlm_lens.organism import drawing, studies
-
-WEIGHTS = organism.path("scenes") / "model.safetensors"
-trained_only = pytest.mark.skipif(
-    not WEIGHTS.exists(),
-    reason=f"the scenes organism is not trained yet ({WEIGHTS} is missing; "
-    "`python -m vlm_lens.organism.train --organism scenes` writes it)",
-)
 
 
 def save_untrained_scenes(folder):
@@ -189,7 +182,6 @@ def held_out():
     return organism.ShapesDataset(split="test", seed=21, size=140, organism="scenes")[:]
 
 
-@trained_only
 def test_ablating_object_and_buffer_removes_the_answer_random_tokens_do_not(trained, held_out):
     mean = studies.mean_token(trained, organism.ShapesDataset("test", seed=22, size=64, organism="scenes"))
     row = studies.object_ablation(trained, held_out, mean, buffers=(1,)).row("all", 1)
@@ -209,7 +201,6 @@ def _recoloured(item, obj):
     return Image.fromarray(pixels), colour
 
 
-@trained_only
 def test_grid_patching_puts_the_effect_on_the_changed_object(trained, held_out):
     shares = []
     for item in [it for it in held_out if it.question_type == "colour_of_shape"][:6]:

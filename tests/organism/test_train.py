@@ -58,3 +58,24 @@ def test_vision_loss_asks_shape_only_of_object_patches():
     assert bool(on_object.any()) and bool((~on_object).any())
     assert tokens.grad[~on_object].abs().max() == 0  # background patches get no shape loss
     assert bool((tokens.grad[on_object].abs().sum(-1) > 0).all())
+
+
+def test_relation_cells_name_both_objects_of_a_relative_question():
+    from vlm_lens.organism import scenes
+
+    processor = build.build_processor(scenes)
+    indices = train.oversampled_indices(0, 4, "relative:0.5", scenes)
+    pool = train.make_pool(processor, 4, 0, 1, start=0, source=scenes, oversample="relative:0.5")
+    for row, index in enumerate(indices):
+        _, objects, text, _ = train.conversation("train", 0, index, 1, scenes)
+        cells = pool["relation"][row].tolist()
+        if row < 2:  # relative: "is the <colour> <shape> <relation> the <shape> ?"
+            words = text.split("\n")[0].split()
+            a = next(o for o in objects if (o.colour, o.shape) == (words[3], words[4]))
+            b = next(o for o in objects if o.shape == words[-2])
+            assert cells == [a.cell[0] * 3 + a.cell[1], b.cell[0] * 3 + b.cell[1]]
+        else:
+            assert cells == [-100, -100]
+        end = int(pool["prompt_end"][row])
+        tokens = processor.tokenizer.convert_ids_to_tokens(pool["input_ids"][row, end - 1 : end + 1].tolist())
+        assert tokens == ["assistant", ":"]

@@ -4,14 +4,14 @@
   objects, one object per patch, a 4-layer language model; four one-word question types.
 - ``"scenes"``: 96 px images on an 8 x 8 grid of 12 px patches, one to five objects that span and straddle
   patches on a noisy, cluttered background, for an 8-layer language model; seven question types including
-  counting, relative position and a two-word description. Its scene generator and training command exist;
-  its weights do not ship yet (no training run has reached the 95 % per-type bar; see README.md here).
+  counting, relative position and a two-word description. Shipped (8.5 MB); held-out accuracy 98.6-100 %
+  on six of the seven types, while ``relative`` stays at chance (see README.md here).
 
 ``available()`` lists the organisms whose weights ship:
 
 >>> from vlm_lens import organism
 >>> organism.available()
-('shapes',)
+('shapes', 'scenes')
 >>> item = organism.ShapesDataset(split="test", seed=0, size=10)[0]
 >>> item.prompt.endswith("<image> ASSISTANT:")
 True
@@ -43,9 +43,8 @@ _FOLDERS = {"shapes": "weights", "scenes": "weights_scenes"}
 
 def available() -> tuple[str, ...]:
     """The names of the organisms whose weights ship with this install; the first (shapes) is ``load()``'s
-    default, the last (the richest) the demo's. An
-    organism whose scene generator exists but whose weights are not shipped (``ShapesDataset(...,
-    organism=name)`` still works) is left out; ``load(name=...)`` says how to train it."""
+    default, the last (the richest, scenes) the demo's. An organism whose weights are missing from an install
+    (``ShapesDataset(..., organism=name)`` still works) is left out; ``load(name=...)`` says how to train it."""
     return tuple(name for name in _FOLDERS if (path(name) / "model.safetensors").exists())
 
 

@@ -13,8 +13,8 @@ teacher forcing (``analysis.evaluate``), and "the answer positions" are every po
 answer token (``analysis.answer_positions``). Each study returns a plain dataclass whose ``table()`` is
 Markdown.
 
-On the shipped ``shapes`` organism (the 8 x 8 ``scenes`` organism's weights do not ship yet: train them with
-``python -m vlm_lens.organism.train --organism scenes``; ``ShapesDataset(..., organism="scenes")`` gives its items):
+On the shipped ``shapes`` organism (quick; ``organism.load(name="scenes")`` with ``ShapesDataset(...,
+organism="scenes")`` runs the same studies on the 8 x 8 scenes organism, as the tutorial and the demo do):
 
 >>> from vlm_lens.organism import studies
 >>> data = organism.ShapesDataset("test", seed=0, size=28)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -76,6 +77,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="weight of the auxiliary loss that asks a linear head on the language model's residual stream "
         "at its middle layer, at each image token, whether the patch belongs to the objects the answer needs",
     )
+    p.add_argument(
+        "--relation-weight",
+        type=float,
+        default=0.0,
+        help="weight of the auxiliary loss that asks a linear head on the language model's residual stream at "
+        "its middle layer, at the last prompt position of a relative question, for the cells of both objects",
+    )
     p.add_argument("--turns", type=int, default=1, help="questions per training image (a multi-turn chat)")
     p.add_argument(
         "--pool",
@@ -122,12 +130,13 @@ class PatchHeads(torch.nn.Module):
     """Throwaway linear probes on the projector output, and one on the language model's middle layer
     (training only)."""
 
-    def __init__(self, width: int, source=data, target: bool = False):
+    def __init__(self, width: int, source=data, target: bool = False, relation: bool = False):
         super().__init__()
         self.colour = torch.nn.Linear(width, 1 + len(source.COLOURS))
         self.shape = torch.nn.Linear(width, 1 + len(source.SHAPES))
         self.cell = torch.nn.Linear(width, source.CELLS * source.CELLS)
         self.target = torch.nn.Linear(width, 2) if target else None
+        self.relation = torch.nn.Linear(width, 2 * source.CELLS * source.CELLS) if relation else None
 
     def loss(self, tokens: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(
@@ -213,7 +222,24 @@ def make_pool(
         "length": ids["attention_mask"].sum(1),
     }
     pool.update(build.patch_labels([chat[1] for chat in chats], source, [chat[3] for chat in chats]))
+    pool["prompt_end"] = after_prompt.long().argmax(1) - 1  # the first question's last prompt position
+    pool["relation"] = torch.tensor([relation_cells(text, objects, source) for _, objects, text, _ in chats])
     return pool
+
+
+_RELATIVE = re.compile(r"^USER: is the (\w+) (\w+) (?:left of|right of|above|below) the (\w+) \?")
+
+
+def relation_cells(text: str, objects, source=data) -> tuple[int, int]:
+    """The 3 x 3 cells (``row * CELLS + col``) of the two objects of a first question that is ``relative``;
+    (-100, -100) for any other first question."""
+    match = _RELATIVE.match(text)
+    if match is None:
+        return -100, -100
+    colour, shape, other = match.groups()
+    a = next(o for o in objects if o.colour == colour and o.shape == shape)
+    b = next(o for o in objects if o.shape == other)
+    return tuple(int(o.cell[0] * source.CELLS + o.cell[1]) for o in (a, b))
 
 
 def oversampled_indices(start: int, size: int, oversample: str | None, source=data) -> list[int]:
@@ -281,7 +307,9 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
     model = LlavaForConditionalGeneration(config)
     if args.init:
         model = LlavaForConditionalGeneration.from_pretrained(args.init)
-    heads = PatchHeads(args.text_width, source, target=args.target_weight > 0)
+    heads = PatchHeads(
+        args.text_width, source, target=args.target_weight > 0, relation=args.relation_weight > 0
+    )
     n_params = sum(p.numel() for p in model.parameters())
     tqdm.write(f"model parameters: {n_params / 1e6:.2f} M")
 
@@ -340,6 +368,14 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
             image_rows = captured["mid"][batch["input_ids"][:, :length] == config.image_token_index]
             target_loss = F.cross_entropy(heads.target(image_rows), batch["target"].flatten())
             loss = loss + args.target_weight * target_loss
+        if heads.relation is not None:
+            rows = torch.arange(len(batch["prompt_end"]))
+            guess = heads.relation(captured["mid"][rows, batch["prompt_end"]]).unflatten(-1, (2, -1))
+            relation_loss = F.cross_entropy(
+                guess.flatten(0, 1), batch["relation"].flatten(), ignore_index=-100
+            )
+            if bool((batch["relation"] >= 0).any()):
+                loss = loss + args.relation_weight * relation_loss
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args) * group["scale"]
         opt.zero_grad(set_to_none=True)
