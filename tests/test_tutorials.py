@@ -18,7 +18,7 @@ MARKERS = {
         "mean-ablation at hook_image_embeds",
         "accuracy drop (points), object vs random",
         "logit lens at resid_post, top-1 token",
-        "knockout from the answer position over windows",
+        "knockout from the answer positions over windows",
         "share of the patching effect on the recoloured object's patches",
         "model.generate, described object mean-ablated",
         "notebook executed in",
