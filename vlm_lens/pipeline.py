@@ -7,8 +7,8 @@
 
 A pipeline supplies the pieces (building its tower and projector, validating pixels, running the tower,
 packing projected tiles into sequence order, the layout, position ids) and never fires the core's hooks
-itself, so hook names and their order do not depend on the family. One pipeline object per model; it
-keeps no per-call state.
+itself, so hook names and their order do not depend on the family. One pipeline object per model, made from
+the model's config (an ``ArchitectureSpec.pipeline`` may pick the class by config); it keeps no per-call state.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vlm_lens.config import VLMConfig
 from vlm_lens.layout import ImageLayout
 
 if TYPE_CHECKING:
@@ -50,6 +51,10 @@ class ImagePipeline:
     # nothing is written over the sequence, and ``CallContext.image_embeds`` / ``side_outputs`` reach every call,
     # ``generate``'s KV-cached steps included.
     splices_images: bool = True
+
+    def __init__(self, vlm_cfg: VLMConfig | None = None) -> None:
+        """``vlm_cfg``: the model's config, which the spec's factory has already used to choose this class; the
+        methods read it from the model they are given, so the pipeline holds nothing."""
 
     def build(self, model: HookedVLM) -> None:
         """Create ``model.vision`` and ``model.projector`` (and any other module of the family), once, in

@@ -83,3 +83,20 @@ def test_answers_of_several_tokens_are_scored_on_every_token():
         torch.testing.assert_close(result.answer_probs[b], expected, atol=1e-5, rtol=1e-4)
     generated = evaluate(model, items[:3], mode="generate", max_new_tokens=2)
     assert generated.correct.tolist() == [True, True, False]  # generation writes "blue </s>"
+
+
+class _SpaceMarkingTokenizer:
+    """Word-level, but a text that starts with a space gets a space token first (as SentencePiece does)."""
+
+    vocab = {"▁": 0, "Q:": 1, "red": 2, "circle": 3}
+
+    def encode(self, text, add_special_tokens=False):
+        return [0] * text.startswith(" ") + [self.vocab[w] for w in text.split()]
+
+
+def test_answer_tokens_are_read_after_the_prompt():
+    from vlm_lens.analysis import answer_tokens
+
+    tok = _SpaceMarkingTokenizer()
+    assert answer_tokens(tok, "red circle") == [0, 2, 3]  # alone: the space is a token of its own
+    assert answer_tokens(tok, "red circle", prompt="Q:") == [2, 3]  # after the prompt it is not

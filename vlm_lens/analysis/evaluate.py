@@ -36,8 +36,15 @@ class EvalResult:
         return f"EvalResult(accuracy={self.accuracy:.3f}, mean_answer_prob={self.mean_answer_prob:.3f}{', ' + types if types else ''})"
 
 
-def answer_tokens(tokenizer: Any, answer: str) -> list[int]:
-    """The token ids of ``answer`` as it follows the prompt (after a space)."""
+def answer_tokens(tokenizer: Any, answer: str, prompt: str | None = None) -> list[int]:
+    """The token ids of ``answer`` as it follows ``prompt`` after a space: the tail of the encoded
+    ``prompt + " " + answer`` when the encoded prompt is its prefix (so merges across the boundary, as
+    SentencePiece makes, are read as the model sees them), else ``" " + answer`` encoded alone."""
+    if prompt is not None:
+        head = tokenizer.encode(prompt, add_special_tokens=False)
+        whole = tokenizer.encode(f"{prompt} {answer}", add_special_tokens=False)
+        if whole[: len(head)] == head and len(whole) > len(head):
+            return whole[len(head) :]
     ids = tokenizer.encode(" " + answer, add_special_tokens=False) or tokenizer.encode(
         answer, add_special_tokens=False
     )
@@ -60,12 +67,15 @@ def answer_positions(model: HookedVLM, inputs: VLMInputs, batch: Sequence[Any]) 
     apart by every row ending in its item's answer tokens), each answer token but the last.
 
     Example (a hook factory that stops the answer from reading the image):
+        >>> from vlm_lens.analysis import knockout_hooks
         >>> def hide_image(inputs, batch):
         ...     image = [inputs.layout.grid(b).flatten() for b in range(len(batch))]
-        ...     return knockout_hooks(answer_positions(model, inputs, batch), image, "all", n_layers=model.cfg.n_layers)
-        >>> evaluate(model, items, hooks=hide_image).accuracy
+        ...     where = answer_positions(model, inputs, batch)
+        ...     return knockout_hooks(where, image, "all", n_layers=model.cfg.n_layers)
+        >>> evaluate(model, items).accuracy, evaluate(model, items, hooks=hide_image).accuracy
+        (1.0, 0.375)
     """
-    ids = [answer_tokens(model.tokenizer, it.answer) for it in batch]
+    ids = [answer_tokens(model.tokenizer, it.answer, it.prompt) for it in batch]
     ends = [int(inputs.attention_mask[b].nonzero().max()) for b in range(len(batch))]
     forced = any(len(a) > 1 for a in ids) and all(
         inputs.tokens[b, end - len(a) + 1 : end + 1].tolist() == a
@@ -77,7 +87,7 @@ def answer_positions(model: HookedVLM, inputs: VLMInputs, batch: Sequence[Any]) 
 def _prepare(model: HookedVLM, batch: Sequence[Any]) -> tuple[VLMInputs, list[list[int]]]:
     """The batch's inputs (answers appended under teacher forcing) and each item's answer tokens."""
     tokenizer = model.tokenizer
-    ids = [answer_tokens(tokenizer, it.answer) for it in batch]
+    ids = [answer_tokens(tokenizer, it.answer, it.prompt) for it in batch]
     forced = any(len(a) > 1 for a in ids)
     texts = [f"{it.prompt} {it.answer}" if forced else it.prompt for it in batch]
     inputs = model.prepare(texts, images=[[it.image] for it in batch])

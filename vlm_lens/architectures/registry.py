@@ -31,7 +31,9 @@ class ArchitectureSpec:
     name: str  # HF architecture, e.g. "LlavaForConditionalGeneration"
     build_configs: ConfigBuilder
     convert_weights: WeightConverter
-    pipeline: Callable[[], ImagePipeline]  # a new pipeline object per model
+    # a new pipeline object per model, given the model's config: a pipeline class, or a function that picks one by
+    # config where one class name covers checkpoints with different image paths (LLaVA with a Pixtral tower)
+    pipeline: Callable[[VLMConfig], ImagePipeline]
     hf_class: Callable[[], type] | None = None  # lazily returns the HF class; None: ``transformers.<name>``
     load_processor: Callable[..., Any] | None = None  # (name_or_path, **hf_kwargs); None: AutoProcessor
     family: str = ""  # the package under vlm_lens.architectures that registered it (set by register)

@@ -41,14 +41,16 @@ _FOLDERS = {"shapes": "weights", "scenes": "weights_scenes"}
 
 
 def available() -> tuple[str, ...]:
-    """The names of the shipped organisms; the first is the default."""
-    return tuple(_FOLDERS)
+    """The names of the organisms whose weights ship with this install; the first is the default. An
+    organism whose scene generator exists but whose weights are not shipped (``ShapesDataset(...,
+    organism=name)`` still works) is left out; ``load(name=...)`` says how to train it."""
+    return tuple(name for name in _FOLDERS if (path(name) / "model.safetensors").exists())
 
 
 def path(name: str = "shapes") -> Path:
     """The HF-format folder of the organism ``name`` (config, safetensors, tokenizer, processor)."""
     if name not in _FOLDERS:
-        raise ValueError(f"unknown organism {name!r}; available: {available()}")
+        raise ValueError(f"unknown organism {name!r}; expected one of {tuple(_FOLDERS)}")
     return Path(__file__).resolve().parent / _FOLDERS[name]
 
 
@@ -60,6 +62,7 @@ def load(device: str = "cpu", *, name: str = "shapes", model_class=None):
     folder = path(name)
     if not (folder / "model.safetensors").exists():
         raise FileNotFoundError(
-            f"the {name!r} organism's weights are missing from {folder}; reinstall vlm_lens"
+            f"the {name!r} organism's weights are not in {folder}: train them with `python -m "
+            f"vlm_lens.organism.train --organism {name} --out {folder}` (see vlm_lens/organism/README.md)"
         )
     return (model_class or HookedVLM).from_pretrained(str(folder), device=device)

@@ -128,14 +128,17 @@ def render(scene: tuple) -> tuple[Image.Image, tuple[ShapeObject, ...]]:
     return Image.fromarray(pixels, "RGB"), tuple(objects)
 
 
-def make_scene(split: str, seed: int, index: int, n_objects: int | None = None):
-    """Image ``index`` of ``split`` for ``seed``: (PIL image, objects). Images whose first question is
-    ``relative`` get at least two objects."""
+def make_scene(
+    split: str, seed: int, index: int, n_objects: int | None = None, max_objects: int = MAX_OBJECTS
+):
+    """Image ``index`` of ``split`` for ``seed``: (PIL image, objects). The object count is ``n_objects``,
+    or drawn uniformly from 1 to ``max_objects`` (the training curriculum lowers it early on). Images whose
+    first question is ``relative`` get at least two objects."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
     rng = np.random.default_rng([SPLITS[split], seed, index, 7])
     least = 2 if QUESTION_TYPES[index % len(QUESTION_TYPES)] == "relative" else 1
-    count = int(rng.integers(least, MAX_OBJECTS + 1)) if n_objects is None else n_objects
+    count = int(rng.integers(least, max(least, max_objects) + 1)) if n_objects is None else n_objects
     while True:
         scene = _sample_scene(rng, count)
         if split_of(scene, TEST_FRACTION) == split:

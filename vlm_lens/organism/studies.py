@@ -13,12 +13,20 @@ teacher forcing (``analysis.evaluate``), and "the answer positions" are every po
 answer token (``analysis.answer_positions``). Each study returns a plain dataclass whose ``table()`` is
 Markdown.
 
->>> from vlm_lens import organism
+On the shipped ``shapes`` organism (``organism.load(name="scenes")`` and ``organism="scenes"`` items for the
+8 x 8 one):
+
 >>> from vlm_lens.organism import studies
->>> model = organism.load(name="scenes")
->>> items = organism.ShapesDataset("test", seed=0, size=70, organism="scenes")
->>> mean = studies.mean_token(model, organism.ShapesDataset("test", seed=1, size=64, organism="scenes"))
->>> print(studies.object_ablation(model, items, mean).table())  # doctest: +SKIP
+>>> data = organism.ShapesDataset("test", seed=0, size=28)
+>>> mean = studies.mean_token(model, organism.ShapesDataset("test", seed=1, size=32))
+>>> row = studies.object_ablation(model, data, mean, buffers=(0,)).row("all", 0)
+>>> row.object_drop > 50, row.random_drop < 10
+(True, True)
+>>> knockout = studies.knockout_windows(model, data, window=2, buffer=0)
+>>> knockout.starts, knockout.accuracy["object"][-1] < knockout.baseline
+([0, 1, 2], True)
+>>> studies.logit_lens_hits(model, data).n_object_patches
+59
 """
 
 from __future__ import annotations
@@ -175,7 +183,9 @@ class AblationStudy:
         return _markdown([header for header, _ in _ABLATION_COLUMNS], cells)
 
 
-def _ablating(select: Selection, buffer: int, mean: torch.Tensor) -> HookFactory:
+def ablate(select: Selection, buffer: int, mean: torch.Tensor) -> HookFactory:
+    """A hook factory for ``analysis.evaluate``: mean-ablate each row's ``select(inputs, batch, buffer)``."""
+
     def hooks(inputs: VLMInputs, batch: Sequence[Any]) -> list:
         return analysis.image_ablation_hooks(inputs, select(inputs, batch, buffer), "mean", mean=mean)
 
@@ -213,12 +223,12 @@ def object_ablation(
         fits = np.array([_fits(it, buffer) for it in chosen])
         room = [it for it, ok in zip(chosen, fits) if ok]
         ablated = analysis.evaluate(
-            model, chosen, batch_size=batch_size, hooks=_ablating(object_selection, buffer, mean)
+            model, chosen, batch_size=batch_size, hooks=ablate(object_selection, buffer, mean)
         )
         control = np.full(len(chosen), np.nan)
         if room:
             select = lambda inputs, batch, buf: random_selection(inputs, batch, buf, seed)  # noqa: E731
-            run = analysis.evaluate(model, room, batch_size=batch_size, hooks=_ablating(select, buffer, mean))
+            run = analysis.evaluate(model, room, batch_size=batch_size, hooks=ablate(select, buffer, mean))
             control[fits] = run.correct.numpy()
         tokens = np.array([int(analysis.dilate(it.target_mask, buffer).sum()) for it in chosen])
         for kind in [*dict.fromkeys(types.tolist()), "all"]:
@@ -318,6 +328,17 @@ KNOCKOUT_TARGETS: dict[str, Selection] = {
 }
 
 
+def knock_out(model: HookedVLM, select: Selection, layers: Sequence[int], buffer: int = 1) -> HookFactory:
+    """A hook factory for ``analysis.evaluate``: in ``layers``, the answer positions
+    (``analysis.answer_positions``) cannot attend to each row's ``select(inputs, batch, buffer)``."""
+
+    def hooks(inputs: VLMInputs, batch: Sequence[Any]) -> list:
+        queries = analysis.answer_positions(model, inputs, batch)
+        return analysis.knockout_hooks(queries, select(inputs, batch, buffer), list(layers))
+
+    return hooks
+
+
 @dataclass(frozen=True)
 class KnockoutStudy:
     """Accuracy (0-1) with attention from the answer positions to each target blocked in each window."""
@@ -365,18 +386,13 @@ def knockout_windows(
     targets = KNOCKOUT_TARGETS if targets is None else targets
     windows = analysis.sliding_windows(model.cfg.n_layers, window, stride)
 
-    def blocking(select: Selection, layers: list[int]) -> HookFactory:
-        return lambda inputs, batch: analysis.knockout_hooks(
-            analysis.answer_positions(model, inputs, batch), select(inputs, batch, buffer), layers
-        )
-
     baseline = analysis.evaluate(model, chosen, batch_size=batch_size).accuracy
     accuracy: dict[str, list[float]] = {name: [] for name in targets}
     by_type: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
     runs = [(name, layers) for layers in windows for name in targets]
     for name, layers in tqdm(runs, desc="knockout windows", disable=not progress):
         result = analysis.evaluate(
-            model, chosen, batch_size=batch_size, hooks=blocking(targets[name], layers)
+            model, chosen, batch_size=batch_size, hooks=knock_out(model, targets[name], layers, buffer)
         )
         accuracy[name].append(result.accuracy)
         by_type[name].append(result.by_type)

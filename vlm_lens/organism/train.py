@@ -60,6 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0,
         help="training images generated up front and sampled from; 0: fresh images every step",
     )
+    p.add_argument(
+        "--curriculum",
+        default=None,
+        help="object-count curriculum as 'fraction:max,...' (e.g. '0:2,0.3:3,0.5:5': images have at most two "
+        "objects for the first 30 %% of steps, three until half way, then the organism's maximum)",
+    )
     p.add_argument("--vision-width", type=int, default=None)
     p.add_argument("--vision-layers", type=int, default=None)
     p.add_argument("--text-width", type=int, default=128)
@@ -96,11 +102,24 @@ class PatchHeads(torch.nn.Module):
         )
 
 
-def conversation(split: str, seed: int, index: int, turns: int, source=data):
+def max_objects_at(step: int, args) -> int | None:
+    """The curriculum's object cap at ``step`` (None: no curriculum)."""
+    if not args.curriculum:
+        return None
+    cap = None
+    for part in args.curriculum.split(","):
+        fraction, top = part.split(":")
+        if step >= float(fraction) * args.steps:
+            cap = int(top)
+    return cap
+
+
+def conversation(split: str, seed: int, index: int, turns: int, source=data, max_objects: int | None = None):
     """Image ``index`` with ``turns`` questions as one chat, and the first question's target mask; the first
     turn is exactly the single-question prompt users send (``ShapesDataset`` item ``index``), so training
     covers the evaluation format."""
-    image, objects = source.make_scene(split, seed, index)
+    cap = {} if max_objects is None else {"max_objects": max_objects}
+    image, objects = source.make_scene(split, seed, index, **cap)
     questions = [source.make_question(objects, split, seed, index, t) for t in range(turns)]
     qa = [q[:2] for q in questions]
     text = data.prompt_for(qa[0][0])
@@ -111,14 +130,14 @@ def conversation(split: str, seed: int, index: int, turns: int, source=data):
 
 
 def make_pool(
-    processor, size: int, seed: int, turns: int, start: int = 0, source=data
+    processor, size: int, seed: int, turns: int, start: int = 0, source=data, max_objects: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Tokenised chats, pixel values, next-token labels (answers and the </s> after them; -100 elsewhere)
     and per-patch labels for training images ``start`` to ``start + size - 1``."""
     tok = processor.tokenizer
     indices = range(start, start + size)
     chats = [
-        conversation("train", seed, i, turns, source)
+        conversation("train", seed, i, turns, source, max_objects)
         for i in (tqdm(indices, desc="data", leave=False) if size > 1000 else indices)
     ]
     n_image_tokens = source.GRID * source.GRID
@@ -184,7 +203,13 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
         model.train()
         if pool is None:
             batch = make_pool(
-                processor, args.batch, args.seed, args.turns, args.data_start + step * args.batch, source
+                processor,
+                args.batch,
+                args.seed,
+                args.turns,
+                args.data_start + step * args.batch,
+                source,
+                max_objects_at(step, args),
             )
         else:
             idx = torch.from_numpy(rng.integers(0, args.pool, args.batch))
@@ -199,6 +224,7 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
         answer_loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         aux_loss = heads.loss(captured["v"], {k: batch[k] for k in ("colour", "shape", "cell")})
         loss = answer_loss + args.aux_weight * aux_loss
+        target_loss = torch.zeros(())
         if heads.target is not None:
             image_rows = captured["mid"][batch["input_ids"][:, :length] == config.image_token_index]
             target_loss = F.cross_entropy(heads.target(image_rows), batch["target"].flatten())
@@ -210,7 +236,11 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{answer_loss.item():.3f}", aux=f"{aux_loss.item():.3f}")
+            bar.set_postfix(
+                loss=f"{answer_loss.item():.3f}",
+                aux=f"{aux_loss.item():.3f}",
+                target=f"{target_loss.item():.3f}",
+            )
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             val = sanity.accuracy_by_type(val_items, sanity.predictions(model, processor, val_items))
             tqdm.write(f"step {step + 1}: validation " + " ".join(f"{k}={v:.3f}" for k, v in val.items()))
