@@ -116,8 +116,13 @@ def build_folder(shape: Shape, folder: Path, seed: int = 0) -> int:
 
     torch.manual_seed(seed)
     device = shape.device if shape.device != "cuda" or torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = LlavaForConditionalGeneration(llava_config(shape)).to(shape.dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(shape.dtype)  # built in the target dtype: a 7B model in float32 first would need 28 GB
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(llava_config(shape)).eval()
+    finally:
+        torch.set_default_dtype(default)
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     model.save_pretrained(folder)
     processor = make_processor(shape.image_size, shape.patch_size)

@@ -244,3 +244,17 @@ def write_report(results: dict, path: Path) -> str:
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def write_section(path: Path, heading: str | None, text: str) -> None:
+    """Write one part of a results page that several scripts share, keeping the others: ``heading=None``
+    is the head (everything before the first ``## `` line), otherwise the ``## heading`` section."""
+    head, sections = "", {}
+    if path.exists():
+        head, *parts = path.read_text().split("\n## ")
+        sections = {part.split("\n", 1)[0]: part for part in parts}
+    if heading is None:
+        head = text.rstrip("\n") + "\n"
+    else:
+        sections[heading] = f"{heading}\n\n{text.strip()}\n"
+    path.write_text("\n## ".join([head, *sections.values()]))

@@ -17,8 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--organism",
         default=None,
-        help="model organism whose held-out items and ground truth the report uses (default: scenes, "
-        "unless --model is given)",
+        help="model organism whose held-out items and ground truth the report uses (default: the richest "
+        "shipped one, scenes when its weights ship, else shapes; none with --model)",
     )
     demo.add_argument(
         "--model", default=None, help="HF hub id or local folder (default: the organism's shipped weights)"

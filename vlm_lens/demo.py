@@ -1,6 +1,7 @@
 """The `vlm-lens demo` report: one image and prompt through every view, written as a folder.
 
-Default: the ``scenes`` model organism on a held-out item it answers right. There the ground truth of every
+Default: the richest shipped model organism (``organism.available()[-1]``: ``scenes`` when its weights ship,
+else ``shapes``) on a held-out item it answers right. There the ground truth of every
 patch is known, so the report also runs the seed studies (``vlm_lens.organism.studies``) on a few held-out
 items: the object-ablation table, the logit-lens curve and the attention-knockout window curves.
 ``--model`` with ``--image`` reports on any model (no ground truth); ``--model`` with ``--organism`` runs an
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 class DemoConfig:
     out: Path
     model: str | None = None  # None: the organism's shipped weights
-    organism: str | None = None  # None: "scenes", unless a custom --model is given
+    organism: str | None = None  # None: the richest shipped organism, unless a custom --model is given
     image: str | None = None
     prompt: str | None = None
     device: str = "cpu"
@@ -38,7 +39,14 @@ class DemoConfig:
 
 
 def _organism_name(cfg: DemoConfig) -> str | None:
-    name = cfg.organism or ("scenes" if cfg.model is None else None)
+    from vlm_lens import organism
+
+    if cfg.organism is None and cfg.model is None and not organism.available():
+        raise FileNotFoundError(
+            "no organism's weights ship with this install; train one with `python -m vlm_lens.organism.train "
+            "--organism shapes --out FOLDER` and pass --model FOLDER --organism shapes, or reinstall vlm_lens"
+        )
+    name = cfg.organism or (organism.available()[-1] if cfg.model is None else None)
     if name is None and cfg.image is None:
         raise ValueError("--image is required with --model (or --organism NAME, for that organism's items).")
     return name

@@ -29,7 +29,7 @@ class LlavaProjector(nn.Module):
         if act not in ACT2FN:
             raise ValueError(f"Unknown projector activation {act!r}; known: see transformers.activations.ACT2FN.")
         self.act = ACT2FN[act]
-        # [n_images, n_tokens, ...], or [total_image_tokens, ...] where images differ in size (a Pixtral tower)
+        # [n_images, n_tokens, ...], or [total_image_tokens, ...] where images differ in size (a tower of variable size)
         self.hook_in = HookPoint()  # [..., d_features]
         self.hook_hidden = HookPoint()  # [..., d_model]
         self.hook_out = HookPoint()  # [..., d_model]

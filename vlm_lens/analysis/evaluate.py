@@ -84,8 +84,9 @@ def answer_positions(model: HookedVLM, inputs: VLMInputs, batch: Sequence[Any]) 
     return [torch.arange(end - len(a), end) if forced else torch.tensor([end]) for end, a in zip(ends, ids)]
 
 
-def _prepare(model: HookedVLM, batch: Sequence[Any]) -> tuple[VLMInputs, list[list[int]]]:
-    """The batch's inputs (answers appended under teacher forcing) and each item's answer tokens."""
+def _prepare(model: HookedVLM, batch: Sequence[Any], start: int = 0) -> tuple[VLMInputs, list[list[int]]]:
+    """The batch's inputs (answers appended under teacher forcing) and each item's answer tokens; ``start``:
+    the index of the batch's first item (for error messages)."""
     tokenizer = model.tokenizer
     ids = [answer_tokens(tokenizer, it.answer, it.prompt) for it in batch]
     forced = any(len(a) > 1 for a in ids)
@@ -97,7 +98,7 @@ def _prepare(model: HookedVLM, batch: Sequence[Any]) -> tuple[VLMInputs, list[li
             tail = inputs.tokens[b, end - len(answer) + 1 : end + 1].tolist()
             if tail != answer:
                 raise ValueError(
-                    f"item {b}: {batch[b].prompt!r} + ' ' + {batch[b].answer!r} ends in tokens {tail}, "
+                    f"item {start + b}: {batch[b].prompt!r} + ' ' + {batch[b].answer!r} ends in tokens {tail}, "
                     f"not the answer's own {answer}; end prompts so that the answer tokenizes alike "
                     "after them (e.g. with a space or a colon)."
                 )
@@ -148,11 +149,13 @@ def evaluate(
     """
     if mode not in ("next_token", "generate"):
         raise ValueError(f"mode must be 'next_token' or 'generate', got {mode!r}.")
+    if not len(items):
+        raise ValueError("evaluate needs at least one item; got an empty sequence.")
     correct, probs, predictions = [], [], []
     starts = range(0, len(items), batch_size)
     for start in tqdm(starts, disable=not progress, desc="evaluate"):
         batch = items[start : start + batch_size]
-        inputs, ids = _prepare(model, batch)
+        inputs, ids = _prepare(model, batch, start)
         fwd_hooks = _hooks_for(hooks, inputs, batch)
         ok, p, texts = _score_next_tokens(model, inputs, batch, ids, fwd_hooks)
         if mode == "generate":

@@ -13,8 +13,8 @@ teacher forcing (``analysis.evaluate``), and "the answer positions" are every po
 answer token (``analysis.answer_positions``). Each study returns a plain dataclass whose ``table()`` is
 Markdown.
 
-On the shipped ``shapes`` organism (``organism.load(name="scenes")`` and ``organism="scenes"`` items for the
-8 x 8 one):
+On the shipped ``shapes`` organism (the 8 x 8 ``scenes`` organism's weights do not ship yet: train them with
+``python -m vlm_lens.organism.train --organism scenes``; ``ShapesDataset(..., organism="scenes")`` gives its items):
 
 >>> from vlm_lens.organism import studies
 >>> data = organism.ShapesDataset("test", seed=0, size=28)
@@ -90,13 +90,28 @@ def object_selection(inputs: VLMInputs, batch: Sequence[Any], buffer: int) -> li
 def random_selection(
     inputs: VLMInputs, batch: Sequence[Any], buffer: int, seed: int = 0
 ) -> list[torch.Tensor]:
-    """As many random image positions as ``object_selection`` has, all outside the buffered object region."""
+    """As many random image positions as ``object_selection`` has, all outside the buffered object region;
+    row ``b`` draws with ``seed + b`` (pass ``seed`` = the batch's first item index, as ``object_ablation``
+    does, so that each item's draw does not depend on the batch size)."""
     out = []
     for b, it in enumerate(batch):
         region = analysis.dilate(it.target_mask, buffer)
         n = int(region.sum())
         out.append(analysis.random_image_positions(inputs.layout, b, n, seed=seed + b, exclude=region))
     return out
+
+
+def _per_item_seeds(seed: int):
+    """A ``random_selection`` whose seed for item ``i`` (in ``evaluate``'s order) is ``seed + i``."""
+    seen = 0
+
+    def select(inputs: VLMInputs, batch: Sequence[Any], buffer: int) -> list[torch.Tensor]:
+        nonlocal seen
+        out = random_selection(inputs, batch, buffer, seed + seen)
+        seen += len(batch)
+        return out
+
+    return select
 
 
 def rest_selection(inputs: VLMInputs, batch: Sequence[Any], buffer: int) -> list[torch.Tensor]:
@@ -227,7 +242,7 @@ def object_ablation(
         )
         control = np.full(len(chosen), np.nan)
         if room:
-            select = lambda inputs, batch, buf: random_selection(inputs, batch, buf, seed)  # noqa: E731
+            select = _per_item_seeds(seed)
             run = analysis.evaluate(model, room, batch_size=batch_size, hooks=ablate(select, buffer, mean))
             control[fits] = run.correct.numpy()
         tokens = np.array([int(analysis.dilate(it.target_mask, buffer).sum()) for it in chosen])

@@ -1,14 +1,18 @@
-"""Train the shapes organism from scratch on CPU and save it in Hugging Face format.
+"""Train a model organism from scratch on CPU and save it in Hugging Face format.
 
-    python -m vlm_lens.organism.train --out vlm_lens/organism/weights
+    python -m vlm_lens.organism.train --out vlm_lens/organism/weights                   # shapes
+    python -m vlm_lens.organism.train --organism scenes --out vlm_lens/organism/weights_scenes
 
 Each training sequence is one image with ``--turns`` questions as a multi-turn chat
 ("USER: q1\n<image> ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>..."); its first turn is exactly the
 single-question prompt of ``ShapesDataset``, so the evaluation format is part of training. The loss is
-cross-entropy on each one-token answer and the ``</s>`` after it, plus an auxiliary per-patch loss:
-throwaway linear heads on the projector output predict each patch's object colour, object shape (or
-background) and grid cell. The heads are not saved; they keep object information local to the object's
-patch, which is what the ablation check in ``sanity.py`` relies on.
+cross-entropy on each answer token (one word, or two for the scenes organism's ``describe``) and the
+``</s>`` after the answer, plus an auxiliary per-patch loss: throwaway linear heads on the projector output
+predict each patch's object colour, object shape (or background) and grid cell. The heads are not saved;
+they keep object information local to the object's patch, which is what the ablation check in
+``sanity.py`` relies on. With ``--target-weight`` (the scenes default) another throwaway head on the
+language model's middle layer predicts, at each image token, whether the patch belongs to the objects the
+answer needs.
 """
 
 from __future__ import annotations
@@ -77,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-size", type=int, default=300)
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="folder where the model is saved at every validation (overwritten), to resume with --init",
+    )
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.organism].items():
         if getattr(args, key) is None:
@@ -184,7 +193,7 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
         model = LlavaForConditionalGeneration.from_pretrained(args.init)
     heads = PatchHeads(args.text_width, source, target=args.target_weight > 0)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model parameters: {n_params / 1e6:.2f} M")
+    tqdm.write(f"model parameters: {n_params / 1e6:.2f} M")
 
     pool = make_pool(processor, args.pool, args.seed, args.turns, source=source) if args.pool else None
     params = list(model.parameters()) + list(heads.parameters())
@@ -244,6 +253,9 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             val = sanity.accuracy_by_type(val_items, sanity.predictions(model, processor, val_items))
             tqdm.write(f"step {step + 1}: validation " + " ".join(f"{k}={v:.3f}" for k, v in val.items()))
+            if args.checkpoint:
+                model.save_pretrained(args.checkpoint)
+                processor.save_pretrained(args.checkpoint)
     return model, processor
 
 
