@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from models import SHAPES, build_folder, make_inputs  # noqa: E402
+from report import write_section  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # bf16 keeps 8 bits of mantissa: one rounding is a relative error of 2^-9 = 0.2 %. Two implementations that
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{r['name']}.json").write_text(json.dumps(r, indent=1, default=str))
     text = report(r)
-    (args.out / f"{r['name']}.md").write_text(text)
+    write_section(args.out / f"{r['name']}.md", None, text)  # keeps the sections other scripts write there
     print(text)
     return r
 

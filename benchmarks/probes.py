@@ -101,20 +101,22 @@ def _child(kind: str, args: list[str]) -> dict:
         load = lambda: method(folder, dtype=dtype, device=device)  # noqa: E731
     gc.collect()
     peak_reset = _reset_peak()
-    before, start = _rss_bytes(), time.perf_counter()
+    before, start, cpu_start = _rss_bytes(), time.perf_counter(), _cpu_s()
     model = load()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, _cpu_s() - cpu_start
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    result = {"load_s": seconds, "rss_before_load": before, "peak_rss": _peak_bytes(),
+    result = {"load_s": seconds, "load_cpu_s": cpu_seconds, "rss_before_load": before, "peak_rss": _peak_bytes(),
               "peak_increase": _peak_bytes() - before, "rss_after_load": _rss_bytes(),
               "param_bytes": n_bytes, "peak_reset": peak_reset, **_rss_split()}
     if device.startswith("cuda"):
         result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
-    if kind == "hf":  # HF maps the file and reads weights on first use: the peak once all were read
+    if kind == "hf":  # HF maps the file and reads weights on first use: the peak (and time) once all were read
+        start = time.perf_counter()
         with torch.no_grad():
             for p in model.parameters():
                 p.sum()
         result["peak_increase_touched"] = _peak_bytes() - before
+        result["read_all_s"] = time.perf_counter() - start
     return result
 
 

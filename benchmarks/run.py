@@ -3,6 +3,7 @@
     python benchmarks/run.py                      # the CPU model of the issue (about 30 min on 2 cores)
     python benchmarks/run.py --quick              # smaller model, fewer rounds (a few minutes)
     python benchmarks/run.py --config llava-7b    # LLaVA-1.5-7B shapes, bf16, needs a CUDA GPU
+    python benchmarks/run.py --peers nnsight,tl-bridge --tl-bridge-python /work/venvs/tl4/bin/python
 
 Writes ``results/<config>.json`` and ``results/<config>.md`` (or under ``--out``). See README.md.
 """
@@ -10,6 +11,7 @@ Writes ``results/<config>.json`` and ``results/<config>.md`` (or under ``--out``
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -22,7 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import hf_cases  # noqa: E402
 from models import SHAPES, Shape, build_folder, make_inputs  # noqa: E402
+from peers import compare as peers_compare  # noqa: E402
 from probes import probe  # noqa: E402
 from report import cache_memory_setting, machine_info, write_report  # noqa: E402
 from timing import interleaved, tensor_bytes  # noqa: E402
@@ -32,32 +36,57 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=sorted(SHAPES), default=None,
-                   help="model shapes (default: cpu, or quick with --quick)")
+    p.add_argument(
+        "--config",
+        choices=sorted(SHAPES),
+        default=None,
+        help="model shapes (default: cpu, or quick with --quick)",
+    )
     p.add_argument("--quick", action="store_true", help="fewer rounds and probes (smoke test)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per case at batch 1")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default: the config's)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per generate call")
-    p.add_argument("--skip-probes", action="store_true",
-                   help="skip the fresh-process import/load probes (about 10 s of CPU each)")
+    p.add_argument(
+        "--skip-probes",
+        action="store_true",
+        help="skip the fresh-process import/load probes (about 10 s of CPU each)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--cache-memory-reuse", action="store_true",
-                   help="vlm_lens.reuse_cache_memory(True) for the whole run (default: off, as in the library)")
+    p.add_argument(
+        "--cache-memory-reuse",
+        action="store_true",
+        help="vlm_lens.reuse_cache_memory(True) for the whole run (default: off, as in the library)",
+    )
     p.add_argument("--folder", type=Path, default=None, help="reuse/build the model folder here")
     p.add_argument("--out", type=Path, default=RESULTS, help="where to write <config>.json/.md")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--peers",
+        type=peers_compare.parse,
+        default=[],
+        help="also measure these libraries at batch 1, comma-separated: nnsight, tl-bridge",
+    )
+    p.add_argument(
+        "--tl-bridge-python",
+        default=None,
+        help="Python of an environment with transformer-lens>=4, for --peers tl-bridge (README.md)",
+    )
+    args = p.parse_args(argv)
+    if "tl-bridge" in args.peers and not args.tl_bridge_python:
+        p.error(
+            "--peers tl-bridge needs --tl-bridge-python /path/to/venv/bin/python (see benchmarks/README.md)"
+        )
+    if "nnsight" in args.peers and importlib.util.find_spec("nnsight") is None:
+        p.error("--peers nnsight needs nnsight: pip install -e '.[peers]'")
+    if args.peers and 1 not in (args.batches or [1]):
+        p.error("--peers measures batch 1: include 1 in --batches")
+    return args
 
 
 def load_models(folder: Path, shape: Shape, device: str):
-    from transformers import LlavaForConditionalGeneration
-
     from vlm_lens import HookedVLM
 
-    hf = {impl: LlavaForConditionalGeneration.from_pretrained(folder, dtype=shape.dtype,
-                                                              attn_implementation=impl).to(device).eval()
-          for impl in ("eager", "sdpa")}
-    vlm = HookedVLM.from_pretrained_no_processing(str(folder), dtype=shape.dtype, device=device)
-    return hf, vlm
+    hf = hf_cases.load_hf(folder, shape.dtype, device)
+    return hf, HookedVLM.from_pretrained_no_processing(str(folder), dtype=shape.dtype, device=device)
 
 
 def forward_cases(hf: dict, vlm, tokens: torch.Tensor, pixels: torch.Tensor) -> dict:
@@ -74,44 +103,41 @@ def forward_cases(hf: dict, vlm, tokens: torch.Tensor, pixels: torch.Tensor) -> 
             install_fast_components(vlm)
 
     return {
-        "hf_eager": lambda: hf["eager"](input_ids=tokens, pixel_values=pixels).logits,
-        "hf_sdpa": lambda: hf["sdpa"](input_ids=tokens, pixel_values=pixels).logits,
+        **hf_cases.forward_cases(hf, tokens, pixels),
         "vlm_forward": lambda: vlm(tokens, pixel_values=pixels),
         "vlm_forward_tl_components": plain_transformer_lens,
         "vlm_cache_all": lambda: vlm.run_with_cache(tokens, pixel_values=pixels),
         "vlm_cache_resid_post": lambda: vlm.run_with_cache(
-            tokens, pixel_values=pixels, names_filter=lambda name: name.endswith("hook_resid_post")),
-        "vlm_noop_hook_per_layer": lambda: vlm.run_with_hooks(tokens, pixel_values=pixels,
-                                                              fwd_hooks=noop_hooks),
+            tokens, pixel_values=pixels, names_filter=lambda name: name.endswith("hook_resid_post")
+        ),
+        "vlm_noop_hook_per_layer": lambda: vlm.run_with_hooks(
+            tokens, pixel_values=pixels, fwd_hooks=noop_hooks
+        ),
     }
 
 
 def generate_cases(hf: dict, vlm, tokens: torch.Tensor, pixels: torch.Tensor, n_new: int) -> dict:
-    mask = torch.ones_like(tokens)
-
-    def hf_generate(impl):
-        return lambda: hf[impl].generate(input_ids=tokens, attention_mask=mask, pixel_values=pixels,
-                                         max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                         pad_token_id=0)[:, tokens.shape[1]:]
-
     return {
-        "hf_generate_sdpa": hf_generate("sdpa"),
-        "hf_generate_eager": hf_generate("eager"),
-        "vlm_generate": lambda: vlm.generate(tokens, pixel_values=pixels, max_new_tokens=n_new,
-                                             stop_at_eos=False, return_type="new_tokens"),
+        **hf_cases.generate_cases(hf, tokens, pixels, n_new),
+        "vlm_generate": lambda: vlm.generate(
+            tokens, pixel_values=pixels, max_new_tokens=n_new, stop_at_eos=False, return_type="new_tokens"
+        ),
     }
 
 
-def cache_all_with_memory_reuse(hf: dict, vlm, tokens: torch.Tensor, pixels: torch.Tensor, rounds: int,
-                                device: str) -> dict:
+def cache_all_with_memory_reuse(
+    hf: dict, vlm, tokens: torch.Tensor, pixels: torch.Tensor, rounds: int, device: str
+) -> dict:
     """The full cache again with ``reuse_cache_memory(True)`` (interleaved with HF's forward, which then
     runs under the same allocator setting), then switched back off."""
     from vlm_lens import reuse_cache_memory
 
     reuse_cache_memory(True)
     try:
-        cases = {"hf_sdpa_during_memory_reuse": lambda: hf["sdpa"](input_ids=tokens, pixel_values=pixels).logits,
-                 "vlm_cache_all_memory_reuse": lambda: vlm.run_with_cache(tokens, pixel_values=pixels)}
+        cases = {
+            "hf_sdpa_during_memory_reuse": lambda: hf["sdpa"](input_ids=tokens, pixel_values=pixels).logits,
+            "vlm_cache_all_memory_reuse": lambda: vlm.run_with_cache(tokens, pixel_values=pixels),
+        }
         return interleaved(cases, rounds, device=device)
     finally:
         reuse_cache_memory(False)
@@ -135,8 +161,9 @@ def run_probes(results: dict, folder: Path, shape: Shape, device: str, repeats: 
         results[kind] = probe(kind, repeats=repeats, threads=threads)
     results["import_steps"] = probe("import_steps", threads=threads)
     probe_args = (str(folder), str(shape.dtype).removeprefix("torch."), device)
-    results["load"] = {kind: probe(kind, *probe_args, repeats=repeats, threads=threads)
-                       for kind in ("vlm", "vlm_raw", "hf")}
+    results["load"] = {
+        kind: probe(kind, *probe_args, repeats=repeats, threads=threads) for kind in ("vlm", "vlm_raw", "hf")
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -155,9 +182,17 @@ def main(argv: list[str] | None = None) -> dict:
     batches = tuple(args.batches or shape.batches)
     n_new = args.new_tokens or (4 if args.quick else 32)
     info = machine_info(device)
-    results: dict = {"config": shape.name, "shape": {k: str(v) for k, v in vars(shape).items()},
-                     "seq_len": shape.seq_len, "n_image_tokens": shape.n_image_tokens, "rounds": rounds, "machine": info, "forward": {},
-                     "generate": {}, "cache_bytes": {}}
+    results: dict = {
+        "config": shape.name,
+        "shape": {k: str(v) for k, v in vars(shape).items()},
+        "seq_len": shape.seq_len,
+        "n_image_tokens": shape.n_image_tokens,
+        "rounds": rounds,
+        "machine": info,
+        "forward": {},
+        "generate": {},
+        "cache_bytes": {},
+    }
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.folder or Path(tmp) / "model"
@@ -185,11 +220,33 @@ def main(argv: list[str] | None = None) -> dict:
         tokens, pixels = (t.to(device) for t in make_inputs(shape, 1))
         print(f"[{shape.name}] generate {n_new} tokens, batch 1", flush=True)
         cases = generate_cases(hf, vlm, tokens, pixels, n_new)
-        same = torch.equal(cases["hf_generate_sdpa"]().cpu(), cases["vlm_generate"]().cpu())
+        hf_tokens = cases["hf_generate_sdpa"]().cpu()
+        same = torch.equal(hf_tokens, cases["vlm_generate"]().cpu())
         timing = interleaved(cases, max(1, rounds // 2), device=device)
         for case in timing.values():
             case["tokens_per_s"] = n_new / case["median_s"]
-        results["generate"] = {"new_tokens": n_new, "batch": 1, "same_tokens_as_hf": same, "cases": timing}
+        results["generate"] = {
+            "new_tokens": n_new,
+            "batch": 1,
+            "same_tokens_as_hf": same,
+            "cases": timing,
+            "hf_tokens": hf_tokens.tolist(),
+        }
+        if args.peers:
+            results["peers"] = peers_compare.run(
+                args.peers,
+                results=results,
+                folder=folder,
+                hf=hf,
+                vlm=vlm,
+                tokens=tokens,
+                pixels=pixels,
+                n_new=n_new,
+                rounds=rounds,
+                device=device,
+                dtype=shape.dtype,
+                tl_bridge_python=args.tl_bridge_python,
+            )
     results["machine"]["loadavg_end"] = os.getloadavg()
     results["machine"]["cache_memory"] = cache_memory_setting()
     results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

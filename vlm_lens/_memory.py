@@ -1,6 +1,8 @@
-"""How freed CPU memory goes back to the operating system (glibc; everything here is a no-op elsewhere).
+"""How CPU memory comes from and goes back to the operating system (glibc and Linux; everything here is a
+no-op elsewhere).
 
-Two opposite needs:
+``populate_for_write`` faults a tensor's pages in for writing in one call, before weight processing writes
+into weights memory-mapped from the checkpoint. Beyond that, two opposite needs:
 
 - Loading frees each source tensor right after its converted copy is made, but glibc keeps freed chunks
   inside its heap (its mmap threshold grows as large buffers are freed, so later copies come from the
@@ -26,6 +28,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import mmap
 import os
 import warnings
 from typing import Any
@@ -72,6 +75,41 @@ class Trimmer:
         if self.pending >= self.every_bytes:
             release_freed_memory()
             self.pending = 0
+
+
+MADV_POPULATE_WRITE = 23  # <sys/mman.h>, Linux >= 5.14
+
+
+def populate_for_write(tensor: torch.Tensor) -> None:
+    """Fault in the pages under a CPU tensor for writing, in one system call (a no-op where refused).
+
+    Weight processing writes into weights memory-mapped from the checkpoint (privately: the pages written
+    are copied into the process). Left to the in-place op, each page is first mapped read-only by its
+    reads, then copied on its first write, which also has to invalidate the read-only mapping on every CPU
+    the process's threads ran on; populated for writing, each page is copied once, straight into a
+    writable mapping (on the benchmark model, 0.19 s of CPU instead of 0.23 s for processing). Pages at the
+    tensor's ends may hold neighbouring tensors too: copying them keeps their contents.
+    """
+    madvise = _madvise()
+    if madvise is None or tensor.device.type != "cpu" or not tensor.numel():
+        return
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr() // page * page
+    end = -(-(tensor.data_ptr() + span_bytes(tensor)) // page) * page
+    madvise(start, end - start, MADV_POPULATE_WRITE)  # fails (EINVAL) on older kernels: pages fault as usual
+
+
+def span_bytes(tensor: torch.Tensor) -> int:
+    """Bytes from a tensor's first element to just past its last (a view's gaps included)."""
+    return (1 + sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))) * tensor.element_size()
+
+
+@functools.cache
+def _madvise() -> Any:
+    madvise = _libc_function("madvise")
+    if madvise is not None:
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise
 
 
 # <malloc.h>; mallopt takes an int, so the trim threshold cannot exceed INT_MAX.

@@ -1,7 +1,11 @@
 """The `vlm-lens demo` report: one image and prompt through every view, written as a folder.
 
-Default: the shipped model organism on a held-out item, where the ground truth of every patch is
-known, so the report also scores ablation and knockout against that truth.
+Default: the richest shipped model organism (``organism.available()[-1]``: ``scenes`` when its weights ship,
+else ``shapes``) on a held-out item it answers right. There the ground truth of every
+patch is known, so the report also runs the seed studies (``vlm_lens.organism.studies``) on a few held-out
+items: the object-ablation table, the logit-lens curve and the attention-knockout window curves.
+``--model`` with ``--image`` reports on any model (no ground truth); ``--model`` with ``--organism`` runs an
+organism's items and studies through another checkpoint of that organism (e.g. one you trained).
 """
 
 from __future__ import annotations
@@ -9,11 +13,11 @@ from __future__ import annotations
 import html
 import json
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -25,70 +29,171 @@ logger = logging.getLogger(__name__)
 @dataclass
 class DemoConfig:
     out: Path
-    model: str | None = None  # None: the shipped organism
+    model: str | None = None  # None: the organism's shipped weights
+    organism: str | None = None  # None: the richest shipped organism, unless a custom --model is given
     image: str | None = None
     prompt: str | None = None
     device: str = "cpu"
-    n_eval: int = 64  # organism items scored under ablation and knockout
+    n_eval: int = 42  # held-out organism items the seed studies run on
+    window: int = 3  # layers per knockout window
 
 
-def _load(cfg: DemoConfig) -> tuple[Any, Any, Any]:
+def _organism_name(cfg: DemoConfig) -> str | None:
+    from vlm_lens import organism
+
+    if cfg.organism is None and cfg.model is None and not organism.available():
+        raise FileNotFoundError(
+            "no organism's weights ship with this install; train one with `python -m vlm_lens.organism.train "
+            "--organism shapes --out FOLDER` and pass --model FOLDER --organism shapes, or reinstall vlm_lens"
+        )
+    name = cfg.organism or (organism.available()[-1] if cfg.model is None else None)
+    if name is None and cfg.image is None:
+        raise ValueError("--image is required with --model (or --organism NAME, for that organism's items).")
+    return name
+
+
+def pick_item(model: Any, organism_name: str) -> Any:
+    """The held-out ``colour_of_shape`` item with the most objects that the model answers right (found by
+    scanning the test split; the first candidate when the model gets none right)."""
+    from vlm_lens import organism
+
+    data = organism.ShapesDataset(split="test", seed=0, size=70, organism=organism_name)
+    candidates = sorted(
+        (it for it in data if it.question_type == "colour_of_shape"), key=lambda it: -len(it.objects)
+    )
+    correct = analysis.evaluate(model, candidates).correct.tolist()
+    item = next((it for it, ok in zip(candidates, correct) if ok), candidates[0])
+    if not any(correct):
+        logger.warning(
+            "the model answers none of %d candidate items right; showing one it gets wrong", len(correct)
+        )
+    return item
+
+
+def _load(cfg: DemoConfig) -> tuple[Any, Any, Any, str | None]:
+    """(model, inputs, organism item or None, organism name or None)."""
     from PIL import Image
 
     from vlm_lens import HookedVLM, organism
 
-    model = organism.load(cfg.device) if cfg.model is None else HookedVLM.from_pretrained(cfg.model, device=cfg.device)
-    item = None
+    name = _organism_name(cfg)
+    if cfg.model is None:
+        model = organism.load(cfg.device, name=name)
+    else:
+        model = HookedVLM.from_pretrained(cfg.model, device=cfg.device)
     if cfg.image is None:
-        if cfg.model is not None:
-            raise ValueError("--image is required with --model (the default images belong to the organism).")
-        data = organism.ShapesDataset(split="test", seed=0, size=50)
-        item = next(it for it in data if it.target_mask.any() and it.question_type == "colour_of_shape")
+        item = pick_item(model, name)
         image, prompt = item.image, cfg.prompt or item.prompt
     else:
-        image = Image.open(cfg.image).convert("RGB")
+        item, image = None, Image.open(cfg.image).convert("RGB")
         prompt = cfg.prompt or "USER: <image>\nWhat is in the image? ASSISTANT:"
-    return model, model.prepare(prompt, images=[image]), item
+    return model, model.prepare(prompt, images=[image]), item, name
 
 
-def _ground_truth_scores(model: Any, n_eval: int) -> dict[str, Any]:
+def run_studies(model: Any, organism_name: str, n_items: int, window: int) -> dict[str, Any]:
+    """The seed studies on ``n_items`` held-out items (test split, seed 1; mean token from seed 2)."""
     from vlm_lens import organism
+    from vlm_lens.organism import studies
 
-    items = [it for it in organism.ShapesDataset(split="test", seed=1, size=4 * n_eval) if it.target_mask.any()][:n_eval]
-    mean_items = organism.ShapesDataset(split="test", seed=2, size=64)
-    mean = analysis.mean_visual_token(model, [model.prepare([it.prompt for it in mean_items],
-                                                            images=[[it.image] for it in mean_items])])
-    last = None
+    items = organism.ShapesDataset(split="test", seed=1, size=n_items, organism=organism_name)[:]
+    mean = studies.mean_token(
+        model, organism.ShapesDataset(split="test", seed=2, size=32, organism=organism_name)
+    )
+    return {
+        "ablation": studies.object_ablation(model, items, mean),
+        "logit_lens": studies.logit_lens_hits(model, items),
+        "knockout": studies.knockout_windows(model, items, window=min(window, model.cfg.n_layers)),
+    }
 
-    # Organism objects fill exactly one patch each, so their masks need no buffer (see the tests).
-    def object_pos(inputs, batch, buffer=0):
-        return [analysis.object_positions(inputs.layout, b, it.target_mask, buffer=buffer) for b, it in enumerate(batch)]
 
-    def random_pos(inputs, batch, buffer=0):
-        out = []
-        for b, it in enumerate(batch):
-            n = len(analysis.object_positions(inputs.layout, b, it.target_mask, buffer=buffer))
-            occupied = np.any([obj.patch_mask for obj in it.objects], axis=0)
-            out.append(analysis.background_positions(inputs.layout, b, n, occupied, seed=b))
-        return out
+def _attention_figure(model: Any, inputs: Any, image: Any, cache: Any) -> Any:
+    """Attention from the last position to the image, one panel per LM layer on a shared scale."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    def ablate(select):
-        return lambda inputs, batch: analysis.image_ablation_hooks(inputs, select(inputs, batch), "mean", mean=mean)
+    from vlm_lens import viz
 
-    def knockout(select):
-        def hooks(inputs, batch):
-            nonlocal last
-            last = inputs.tokens.shape[1] - 1
-            return analysis.knockout_hooks([last], select(inputs, batch), "all", n_layers=model.cfg.n_layers)
-        return hooks
+    n = model.cfg.n_layers
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    grids = [viz.attention_to_image(model, inputs, 0, layers=[layer], cache=cache) for layer in range(n)]
+    top = float(max(g.max() for g in grids))
+    fig = Figure(figsize=(3.1 * cols + 0.8, 3.1 * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    for layer, (ax, grid) in enumerate(zip(axes, grids)):
+        viz.image_heatmap(
+            image, grid, ax=ax, colorbar=False, vmin=0, vmax=top, grid=True, title=f"layer {layer}"
+        )
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.colorbar(axes[0].images[-1], ax=axes[:n].tolist(), label="attention (mean over heads)")
+    fig.suptitle("Attention from the answer position to each image patch", fontsize=14)
+    return fig
 
-    base = analysis.evaluate(model, items)
-    runs = {"ablate object": ablate(object_pos), "ablate random background": ablate(random_pos),
-            "knock out answer->object": knockout(object_pos), "knock out answer->background": knockout(random_pos)}
-    scores = {"baseline": base.accuracy}
-    for name, hooks in tqdm(runs.items(), desc="ground-truth checks", leave=False):
-        scores[name] = analysis.evaluate(model, items, hooks=hooks).accuracy
-    return {"n_items": len(items), "accuracy": scores}
+
+def _line_figure(
+    x: list,
+    series: dict[str, tuple[list[float], str]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    baseline: float | None = None,
+) -> Any:
+    """One line per ``series`` entry (values, line style) over the labels ``x``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, (values, style) in series.items():
+        ax.plot(range(len(x)), values, style, marker="o", linewidth=2, label=label)
+    if baseline is not None:
+        ax.axhline(baseline, color="grey", linestyle=":", linewidth=2, label="no knockout")
+    ax.set_xticks(range(len(x)), [str(v) for v in x])
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel(xlabel, fontsize=12)
+    ax.set_ylabel(ylabel, fontsize=12)
+    ax.set_title(title, fontsize=13)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=10)
+    return fig
+
+
+def _study_figures(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+    from vlm_lens import viz
+
+    lens, knockout = results["logit_lens"], results["knockout"]
+    lens_fig = _line_figure(
+        lens.layers,
+        {
+            "object patches: colour": (lens.object["colour"], "-"),
+            "object patches: shape": (lens.object["shape"], "-"),
+            "object patches: either": (lens.object["either"], "-"),
+            "background patches: either": (lens.background["either"], "--"),
+        },
+        xlabel="LM layer (resid_post)",
+        ylabel=f"fraction of patches (top-{lens.k})",
+        title="Logit lens names the object's colour or shape",
+    )
+    windows = [f"{w[0]}-{w[-1]}" for w in knockout.windows]
+    series = {f"answer -/-> {name}": (values, "-") for name, values in knockout.accuracy.items()}
+    knockout_fig = _line_figure(
+        windows,
+        series,
+        xlabel="knocked-out LM layers",
+        ylabel="accuracy",
+        title="Attention knockout from the answer position",
+        baseline=knockout.baseline,
+    )
+    viz.save_figure(lens_fig, out / "logit_lens_curve.png")
+    viz.save_figure(knockout_fig, out / "knockout_windows.png")
+    return [
+        ("logit_lens_curve.png", "Logit lens: share of patches whose top-k tokens name the object"),
+        ("knockout_windows.png", "Accuracy with attention from the answer blocked, per layer window"),
+    ]
 
 
 def run_demo(cfg: DemoConfig) -> Path:
@@ -97,66 +202,113 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = tqdm(total=6, desc="vlm-lens demo")
-    model, inputs, item = _load(cfg)
+    steps = tqdm(total=5, desc="vlm-lens demo")
+    model, inputs, item, organism_name = _load(cfg)
     steps.update()
     with torch.no_grad():
-        logits, cache = model.run_with_cache(inputs, names_filter=lambda n: n.endswith(("hook_pattern", "hook_resid_post")))
+        logits, cache = model.run_with_cache(
+            inputs, names_filter=lambda n: n.endswith(("hook_pattern", "hook_resid_post"))
+        )
     answer = model.tokenizer.decode([int(logits[0, -1].argmax())]).strip()
     image = viz.pixels_to_image(model, inputs.pixel_values[0])
+    grid_shape = tuple(inputs.layout.grid(0).shape)
+    outline = None if item is None else item.target_mask
+    title = "The input as the model sees it" + ("" if item is None else ": asked-about object outlined")
+    viz.save_figure(
+        viz.image_grid(image, grid_shape, outline=outline, title=title, size=6.0), out / "input.png"
+    )
+    viz.save_figure(_attention_figure(model, inputs, image, cache), out / "attention.png")
     steps.update()
 
     lens = analysis.logit_lens(model, inputs, k=5, cache=cache)
-    _, probs = lens.on_grid(0)
-    viz.save_html(viz.logit_lens_page(image, lens.str_tokens(model.tokenizer, 0), probs.numpy(),
-                                      layer_names=[f"layer {i}" for i in range(model.cfg.n_layers)],
-                                      title="Logit lens on the visual tokens"), out / "logit_lens.html")
-    steps.update()
-
-    figures = []
-    for layer in range(model.cfg.n_layers):
-        values = viz.attention_to_image(model, inputs, 0, layers=[layer], cache=cache)
-        fig = viz.image_heatmap(image, values, title=f"layer {layer}: attention from the answer position")
-        name = f"attention_layer{layer}.png"
-        viz.save_figure(fig, out / name)
-        figures.append((name, f"Attention from the last position to the image, layer {layer}"))
-    if item is not None:
-        fig = viz.image_heatmap(image, torch.as_tensor(item.target_mask).float(), title="ground truth: asked-about object")
-        viz.save_figure(fig, out / "ground_truth.png")
-        figures.insert(0, ("ground_truth.png", "Patches of the object the question is about"))
-    steps.update()
-
-    views = {"attention_lm.html": viz.attention_heads(model, inputs, model.cfg.n_layers - 1, cache=cache, collapse_image=True),
-             "attention_vision.html": viz.attention_heads(model, inputs, 0, tower="vision")}
+    viz.save_html(
+        viz.logit_lens_page(
+            image,
+            lens.str_tokens(model.tokenizer, 0),
+            lens.on_grid(0)[1].numpy(),
+            layer_names=[f"layer {i}" for i in range(model.cfg.n_layers)],
+            title="Logit lens on the visual tokens (hover a patch)",
+            display_size=560,
+        ),
+        out / "logit_lens.html",
+    )
+    views = {
+        "attention_lm.html": viz.attention_heads(
+            model, inputs, model.cfg.n_layers - 1, cache=cache, collapse_image=True
+        ),
+        "attention_vision.html": viz.attention_heads(model, inputs, 0, tower="vision"),
+    }
     for name, view in views.items():
         viz.save_html(view, out / name)  # circuitsvis's offline build: the report works without a network
     steps.update()
 
-    scores = _ground_truth_scores(model, cfg.n_eval) if cfg.model is None else None
+    results = run_studies(model, organism_name, cfg.n_eval, cfg.window) if organism_name else None
+    steps.update()
+    figures = _study_figures(results, out) if results else []
     steps.update()
     steps.close()
-    summary = {"prompt": model.tokenizer.decode(inputs.tokens[0][~inputs.image_mask[0]]), "answer": answer,
-               "expected": getattr(item, "answer", None), "ground_truth": scores}
+    summary = {
+        "organism": organism_name,
+        "model": cfg.model or f"the shipped {organism_name!r} organism",
+        "prompt": model.tokenizer.decode(inputs.tokens[0][~inputs.image_mask[0]]),
+        "answer": answer,
+        "expected": getattr(item, "answer", None),
+        "n_items": cfg.n_eval if results else None,
+        "studies": {k: asdict(v) for k, v in results.items()} if results else None,
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     index = out / "index.html"
-    index.write_text(_index_html(summary, figures, list(views)))
+    index.write_text(_index_html(summary, results, figures, list(views)))
     return index
 
 
-def _index_html(summary: dict, figures: list[tuple[str, str]], views: list[str]) -> str:
-    rows = ""
-    if summary["ground_truth"]:
-        gt = summary["ground_truth"]
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.3f}</td></tr>" for k, v in gt["accuracy"].items())
-        rows = (f"<h2>Ground truth checks ({gt['n_items']} held-out items)</h2>"
-                f"<table id='scores'><tr><th>run</th><th>accuracy</th></tr>{rows}</table>")
-    figs = "".join(f"<figure><img src='{n}' alt='{html.escape(c)}'><figcaption>{html.escape(c)}</figcaption></figure>"
-                   for n, c in figures)
+def _html_table(markdown: str, table_id: str) -> str:
+    """A Markdown table (as the studies' ``table()`` writes it) as an HTML table."""
+    lines = [
+        [html.escape(c.strip()) for c in line.strip().strip("|").split("|")] for line in markdown.splitlines()
+    ]
+    head = "".join(f"<th>{c}</th>" for c in lines[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in lines[2:])
+    return f"<table id='{table_id}'><tr>{head}</tr>{body}</table>"
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1360px;color:#222;font-size:16px}
+img{max-width:100%} figure{margin:0 12px 16px 0;display:inline-block;vertical-align:top}
+figcaption{font-size:14px;color:#555} .top{display:flex;gap:24px;align-items:flex-start}
+table{border-collapse:collapse;font-size:14px} td,th{padding:3px 9px;border-bottom:1px solid #ddd;text-align:right}
+td:first-child,th:first-child{text-align:left} iframe{width:640px;height:720px;border:1px solid #ccc}
+code{background:#f4f4f4;padding:1px 4px}"""
+
+
+def _index_html(summary: dict, results: dict | None, figures: list[tuple[str, str]], views: list[str]) -> str:
+    esc = html.escape
+    expected = (
+        "" if summary["expected"] is None else f" (expected <b id='expected'>{esc(summary['expected'])}</b>)"
+    )
+    studies = ""
+    if results:
+        ablation = results["ablation"]
+        studies = (
+            f"<h2>Seed studies on {summary['n_items']} held-out items</h2>"
+            f"<p id='n-items'>n = {summary['n_items']} held-out test items (seed 1); the ablation and knockout use the "
+            f"{ablation.n_items} whose answer needs an object ({ablation.n_excluded} 'exists' items answered 'no' "
+            "are left out). Mean ablation with the mean visual token of 32 other held-out images. Answers of two "
+            "words count as right only when both are the argmax.</p>"
+            "<h3>Object-token ablation (buffer = cells grown around the object)</h3>"
+            f"{_html_table(ablation.table(), 'ablation')}"
+            + "".join(
+                f"<figure><img src='{n}' alt='{esc(c)}'><figcaption>{esc(c)}</figcaption></figure>"
+                for n, c in figures
+            )
+        )
     links = "".join(f"<li><a href='{v}'>{v}</a></li>" for v in ["logit_lens.html", *views, "results.json"])
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>vlm-lens demo</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:70em}} figure{{display:inline-block;margin:.5em}}
-img{{width:240px;image-rendering:pixelated}} td,th{{padding:.2em 1em;border-bottom:1px solid #ddd}}</style></head>
-<body><h1>vlm-lens demo</h1>
-<p>Prompt: <code>{html.escape(summary['prompt'])}</code><br>Model answer: <b id="answer">{html.escape(summary['answer'])}</b>
-{'' if summary['expected'] is None else f"(expected <b>{html.escape(summary['expected'])}</b>)"}</p>
-<h2>Views</h2><ul>{links}</ul>{rows}<h2>Figures</h2>{figs}</body></html>"""
+<style>{_STYLE}</style></head><body><h1>vlm-lens demo</h1>
+<p>Model: {esc(summary["model"])}<br>Prompt: <code>{esc(summary["prompt"])}</code><br>
+Model answer: <b id="answer">{esc(summary["answer"])}</b>{expected}</p>
+<div class="top"><figure><img src="input.png" alt="input image with its patch grid"></figure>
+<iframe src="logit_lens.html" title="logit lens"></iframe></div>
+<h2>Views</h2><ul>{links}</ul>
+{studies}
+<h2>Attention to the image</h2><figure><img src="attention.png" alt="attention per layer"></figure>
+</body></html>"""

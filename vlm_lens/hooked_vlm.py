@@ -61,7 +61,7 @@ class HookedVLM(HookedTransformer):
         self.embed = MergingEmbed(self.cfg)
         self.hook_image_features = HookPoint()  # what the projector reads
         self.hook_image_embeds = HookPoint()  # [n_images, n_image_tokens, d_model] or [total_tokens, d_model]
-        self.pipeline = get_spec(vlm_cfg.architecture).pipeline()
+        self.pipeline = get_spec(vlm_cfg.architecture).pipeline(vlm_cfg)
         self.pipeline.build(self)  # model.vision, model.projector and the family's own modules
         if move_to_device:
             self.to(self.cfg.device)

@@ -1,7 +1,7 @@
 """Where each image sits in the sequence: spans, patch grids and conversions between them.
 
-Every image has a base ``grid`` (one tile's patch grid). Any-resolution images (LLaVA-NeXT,
-LLaVA-OneVision) also have a ``crop_grid`` (the packed high-resolution grid after unpadding, and
+Every image has a base ``grid`` (one tile's patch grid). Any-resolution (tiled) images also have a
+``crop_grid`` (the packed high-resolution grid after unpadding, and
 downsampling where the model does it), ``newlines`` (the learned row-end tokens, listed apart from both
 grids) and ``boxes``: the region of the original image each token was computed from.
 """
@@ -77,8 +77,8 @@ class ImageLayout:
         span = self._span(image)
         if span.crop_grid is None:
             raise ValueError(
-                f"image {image} has no crop grid: it was encoded as one tile (LLaVA-1.5, or an image of a "
-                f"multi-image LLaVA-OneVision prompt). Use layout.grid({image})."
+                f"image {image} has no crop grid: it was encoded as one tile (a single-tile model, or a "
+                f"multi-image prompt that the model encodes one tile per image). Use layout.grid({image})."
             )
         return span.crop_grid
 
@@ -92,7 +92,7 @@ class ImageLayout:
         return self._span(image).newlines
 
     def markers(self, image: int) -> Int[torch.Tensor, " n"]:
-        """Positions of the text tokens that open and close the image (Qwen2.5-VL's ``<|vision_start|>`` and
+        """Positions of the text tokens that open and close the image (e.g. ``<|vision_start|>`` and
         ``<|vision_end|>``), outside [start, end) and on no grid; empty where the model has none."""
         return self._span(image).markers
 
@@ -101,14 +101,14 @@ class ImageLayout:
 
         Boxes are (top, left, bottom, right) in original-image pixels (fractional where the processor
         resized): the footprint of the pixels a token reads, before the resampling filter blurs its edge.
-        A token downsampled from several (LLaVA-OneVision) gets the box bounding all of theirs. NaN rows
+        A token downsampled from several gets the box bounding all of theirs. NaN rows
         (newlines) have none.
         """
         span = self._span(image)
         if span.boxes is None:
             raise ValueError(
                 f"image {image} has no region map: it was laid out without the original image size "
-                "(LLaVA-1.5 layouts only know the processed tile; use grid() there)."
+                "(single-tile layouts only know the processed tile; use grid() there)."
             )
         return span.boxes
 
@@ -178,7 +178,7 @@ def build_layout(image_mask: torch.Tensor, tokens_per_image: int, grid_shape: tu
                  n_leading_extra: int = 0) -> ImageLayout:
     """Split each row's image tokens into images of ``tokens_per_image`` consecutive positions.
 
-    ``n_leading_extra`` tokens at the start of each image (LLaVA's CLS with strategy "full") are
+    ``n_leading_extra`` tokens at the start of each image (a tower's CLS kept by strategy "full") are
     listed apart from the grid.
     """
     rows, cols = grid_shape

@@ -7,8 +7,8 @@
 
 A pipeline supplies the pieces (building its tower and projector, validating pixels, running the tower,
 packing projected tiles into sequence order, the layout, position ids) and never fires the core's hooks
-itself, so hook names and their order do not depend on the family. One pipeline object per model; it
-keeps no per-call state.
+itself, so hook names and their order do not depend on the family. One pipeline object per model, made from
+the model's config (an ``ArchitectureSpec.pipeline`` may pick the class by config); it keeps no per-call state.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vlm_lens.config import VLMConfig
 from vlm_lens.layout import ImageLayout
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ class ImagePlan:
     """A validated batch of images: sequence tokens per image, plus whatever the family needs later.
 
     ``side_outputs`` is filled while the images are encoded with what the language model's own modules read
-    besides the image embeddings (e.g. Qwen3-VL's deepstack features); it travels with the embeddings into
+    besides the image embeddings (e.g. deepstack features from intermediate tower layers); it travels with the embeddings into
     ``CallContext.side_outputs``, also on every ``generate`` step that covers the prompt.
     """
 
@@ -42,14 +43,18 @@ class ImagePipeline:
     """Interface; ``extras`` holds the per-architecture inputs (e.g. ``image_sizes``)."""
 
     extra_keys: tuple[str, ...] = ()
-    # False where the LM's positions or attention mask come from the image positions (e.g. M-RoPE, Gemma 3's
+    # False where the LM's positions or attention mask come from the image positions (e.g. M-RoPE, bidirectional
     # image blocks), which a residual passed in with start_at_layer cannot carry.
     supports_start_at_layer: bool = True
-    # False where images enter the language model only through the family's own modules (Mllama's
-    # cross-attention): each image has one placeholder token (``tokens_per_image`` 1), which stays a text token;
+    # False where images enter the language model only through the family's own modules (cross-
+    # attention layers): each image has one placeholder token (``tokens_per_image`` 1), which stays a text token;
     # nothing is written over the sequence, and ``CallContext.image_embeds`` / ``side_outputs`` reach every call,
     # ``generate``'s KV-cached steps included.
     splices_images: bool = True
+
+    def __init__(self, vlm_cfg: VLMConfig | None = None) -> None:
+        """``vlm_cfg``: the model's config, which the spec's factory has already used to choose this class; the
+        methods read it from the model they are given, so the pipeline holds nothing."""
 
     def build(self, model: HookedVLM) -> None:
         """Create ``model.vision`` and ``model.projector`` (and any other module of the family), once, in

@@ -29,9 +29,10 @@ class LlavaProjector(nn.Module):
         if act not in ACT2FN:
             raise ValueError(f"Unknown projector activation {act!r}; known: see transformers.activations.ACT2FN.")
         self.act = ACT2FN[act]
-        self.hook_in = HookPoint()  # [n_images, n_tokens, d_features]
-        self.hook_hidden = HookPoint()  # [n_images, n_tokens, d_model]
-        self.hook_out = HookPoint()  # [n_images, n_tokens, d_model]
+        # [n_images, n_tokens, ...], or [total_image_tokens, ...] where images differ in size (a tower of variable size)
+        self.hook_in = HookPoint()  # [..., d_features]
+        self.hook_hidden = HookPoint()  # [..., d_model]
+        self.hook_out = HookPoint()  # [..., d_model]
 
     @staticmethod
     def _affine(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -39,8 +40,8 @@ class LlavaProjector(nn.Module):
         return y if b is None else y + b
 
     def forward(
-        self, features: Float[torch.Tensor, "n_images n_tokens d_features"]
-    ) -> Float[torch.Tensor, "n_images n_tokens d_model"]:
+        self, features: Float[torch.Tensor, "*tokens d_features"]
+    ) -> Float[torch.Tensor, "*tokens d_model"]:
         x = self.hook_in(features.to(self.W_in.dtype))
         hidden = self.hook_hidden(self.act(self._affine(x, self.W_in, self.b_in)))
         return self.hook_out(self._affine(hidden, self.W_out, self.b_out))

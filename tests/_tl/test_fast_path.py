@@ -180,3 +180,22 @@ def test_a_module_standing_in_for_a_hook_point_always_runs(raw_model, inputs):
             finally:
                 setattr(parent, child, original)
         assert torch.equal(raw_model(tokens, pixel_values=pixels), clean)
+
+
+@pytest.mark.parametrize("layout", ["hugging face", "transformer lens"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_head_projection_reads_either_weight_layout(layout, with_bias):
+    """One GEMM over HF's [head * d_head, d_model] storage (what the loaders keep), or a GEMM per head over
+    TransformerLens's contiguous [head, d_model, d_head] layout: the same projection."""
+    import einops
+
+    from vlm_lens._tl.fast.attention import _heads_as_matrix, project_heads
+
+    torch.manual_seed(0)
+    weight = einops.rearrange(torch.randn(4 * 8, 16), "(n h) m -> n m h", n=4)
+    if layout == "transformer lens":
+        weight = weight.contiguous()
+    assert (_heads_as_matrix(weight) is None) == (layout == "transformer lens")
+    x, bias = torch.randn(2, 5, 16), torch.randn(4, 8) if with_bias else torch.zeros(4, 8)
+    expected = torch.einsum("bpm,nmh->bpnh", x, weight) + bias
+    torch.testing.assert_close(project_heads(x, weight, bias), expected)

@@ -1,51 +1,20 @@
-"""The loader's memory discipline: checkpoint files read per tensor, weights processed one block at a
-time with the same result as TransformerLens's whole-dict processing, each source freed once moved.
+"""The loader's memory discipline: weights processed one block at a time (equality with TransformerLens's
+processing is in tests/_tl/test_folding.py), each source freed once moved; sharded and pickle checkpoints.
 
 Peak resident memory itself is measured by the benchmarks (benchmarks/probes.py), not here.
 """
 
-import copy
-import re
 import weakref
 
-import pytest
 import torch
-from transformer_lens.weight_processing import ProcessWeights
 
 import vlm_lens.loading.load as loading
 from vlm_lens import HookedVLM
-from vlm_lens._tl.processing import process_group
-from vlm_lens.architectures import get_spec
 from vlm_lens.architectures.llava.testing import make_hf_llava, save_llava, tiny_llava_config
 from vlm_lens.loading.checkpoint import safetensors_files
-from vlm_lens.loading.weights import FOLDED_NORMS, LM_PREFIXES, lm_groups
 from vlm_lens.testing import image_prompt_tokens, random_pixels
 
 STEPS = dict(fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True)
-
-
-@pytest.mark.parametrize("lm", ["llama", "qwen2"])  # qwen2: q/k/v biases, so value biases get folded
-def test_grouped_processing_equals_transformer_lens_whole_dict(lm):
-    hf = make_hf_llava(tiny_llava_config(lm), seed=1)
-    spec = get_spec("LlavaForConditionalGeneration")
-    cfg, vlm_cfg = spec.build_configs(hf.config, torch.float32, "cpu")
-    with torch.no_grad():
-        lm_state = {k: v.detach().clone() for k, v in spec.convert_weights(hf, cfg, vlm_cfg).items()
-                    if k.startswith(LM_PREFIXES)}
-    whole = ProcessWeights.process_weights(dict(lm_state), copy.copy(cfg), **STEPS)
-    grouped = {}
-    for name, keys in lm_groups(list(lm_state)):
-        grouped.update(process_group(name, {k: lm_state[k] for k in keys}, cfg, STEPS))
-    folded = {k for k in whole if k.endswith(FOLDED_NORMS)}
-    assert folded and all(torch.all(whole[k] == 1) for k in folded)  # what grouping drops is identity
-    assert set(grouped) == set(whole) - folded
-    for key, value in grouped.items():
-        # W_U is centred on a contiguous copy here and on a transposed view there: rounding only.
-        torch.testing.assert_close(value, whole[key], atol=1e-6, rtol=0, msg=key)
-    # Processing really happened: every weight that reads a folded norm changed.
-    readers = [k for k in grouped if re.search(r"attn\._?W_[QKV]$|mlp\.W_(in|gate)$|unembed\.W_U$", k)]
-    assert len(readers) == 5 * hf.config.text_config.num_hidden_layers + 1
-    assert all(not torch.allclose(grouped[k], lm_state[k]) for k in readers)
 
 
 def test_each_block_is_freed_once_moved(monkeypatch):
@@ -63,8 +32,8 @@ def test_each_block_is_freed_once_moved(monkeypatch):
     alive_after = {}
     real = loading.process_group
 
-    def watched(name, part, cfg, steps):
-        out = real(name, part, cfg, steps)
+    def watched(name, part, cfg, steps, copy_first=()):
+        out = real(name, part, cfg, steps, copy_first)
         if name in sources:
             alive_after[name] = sum(ref() is not None for ref in sources[name])
         return out
@@ -103,3 +72,18 @@ def test_pickle_checkpoint_loads_with_the_flag(tmp_path):
     with torch.no_grad():
         diff = (model(tokens, pixel_values=pixels) - hf.eval()(input_ids=tokens, pixel_values=pixels).logits)
     assert diff.abs().max() <= 1e-4
+
+
+def test_processing_in_place_never_writes_the_checkpoint(tmp_path):
+    """Processing writes into weights memory-mapped from the file: the mapping must be private."""
+    import hashlib
+
+    path, _ = save_llava(tmp_path, tiny_llava_config("qwen2"))
+    digest = lambda: hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    before = digest()
+    raw = HookedVLM.from_pretrained_no_processing(str(path))
+    processed = HookedVLM.from_pretrained(str(path))
+    assert not torch.equal(processed.blocks[0].attn.W_Q, raw.blocks[0].attn.W_Q)  # it did write
+    assert digest() == before
+    again = HookedVLM.from_pretrained_no_processing(str(path))
+    assert torch.equal(again.blocks[0].attn.W_Q, raw.blocks[0].attn.W_Q)

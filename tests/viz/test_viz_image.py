@@ -80,6 +80,22 @@ def test_heatmap_rejects_bad_values(make_image):
         viz.image_heatmap(make_image(0), np.zeros((4, 4)), alpha=2)
 
 
+def test_image_grid_draws_patch_borders_and_outlines(tmp_path):
+    image = Image.new("RGB", (96, 96), (20, 20, 20))
+    outline = np.zeros((8, 8), dtype=bool)
+    outline[2, 5] = outline[7, 0] = True
+    fig = viz.image_grid(image, (8, 8), outline=outline, title="grid")
+    ax = fig.axes[0]
+    assert len(ax.lines) == 14 and len(ax.patches) == 2  # 7 + 7 inner borders, one box per outlined cell
+    assert sorted(p.get_xy() for p in ax.patches) == [(0.0, 84.0), (60.0, 24.0)]
+    png, (left, top, right, bottom) = _png_and_axes_box(fig, ax, tmp_path / "grid.png")
+    x, y = int(left + (right - left) * 5.5 / 8), int(top + (bottom - top) * 2 / 8)  # top edge of cell (2, 5)
+    red = png[y - 2:y + 3, x]
+    assert (red[:, 0] > 200).any() and (red[:, 1] < 120).any()
+    with pytest.raises(ValueError, match="8x8"):
+        viz.image_grid(image, (8, 8), outline=np.zeros((3, 3), dtype=bool))
+
+
 def _by_hand(cache, inputs, layers, heads, queries):
     grid = inputs.layout.grid(0)
     out = torch.zeros(grid.shape)

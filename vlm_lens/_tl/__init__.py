@@ -11,7 +11,9 @@ TransformerLens does:
 - ``components``: class swaps and the attention overrides families build on (external rotary, additive
   masks);
 - ``kv_cache``: the KV-cache fields generation and positions read;
-- ``weights``: TransformerLens's converters and weight processing, and writing a parameter in place.
+- ``weights``: TransformerLens's converters fed a VLM's language model, and writing a parameter in place;
+- ``processing``: TransformerLens's weight processing (fold_ln, centring, value-bias folding) with its
+  state-dict names and formulas, written into the weights in place.
 
 ``TESTED_RANGE`` is the TransformerLens range these modules were written and tested against. At import the
 installed version is compared with it; outside it vlm_lens warns once and every model uses TransformerLens's

@@ -6,7 +6,7 @@
 - ``MaskedRotaryAttention``: a bidirectional TransformerLens ``Attention`` whose rotary embedding and
   additive mask come from functions (e.g. a vision tower with 2-D rotary and window masks).
 - ``ResidualTermBlock``: a TransformerLens ``TransformerBlock`` whose output has one more term, defined by a
-  subclass (e.g. Qwen3-VL's deepstack features added to the first layers' residual stream).
+  subclass (e.g. deepstack features from the vision tower added to the first layers' residual stream).
 - ``shared_rotary_tables``: while a model is built, its attention layers share one rotary sin/cos table
   (TransformerLens computes the same table once per layer: most of ``HookedTransformer.__init__``'s time).
 - ``with_attention_overlay``: a causal TransformerLens attention layer that also lets chosen (query, key)
@@ -129,7 +129,7 @@ Overlay = Callable[[int, int, int, torch.device], "torch.Tensor | None"]
 class _AttentionOverlay(AbstractAttention):
     """Mixin: TransformerLens's causal mask, OR the pairs of ``self.attention_overlay``. On a local layer the
     window (``key > query - window_size``) limits the union when ``overlay_within_window`` (AND(window,
-    OR(causal, overlay)), Gemma 3), or only the causal part (OR(AND(window, causal), overlay), PaliGemma 2).
+    OR(causal, overlay))), or only the causal part (OR(AND(window, causal), overlay)).
 
     The mask is applied before ``hook_attn_scores``, so hooks see (and may further mask) the scores the model
     uses; padding is still masked by TransformerLens's ``attention_mask`` after this.

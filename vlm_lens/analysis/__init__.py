@@ -12,7 +12,14 @@ from vlm_lens.analysis.ablation import (
     save_mean,
 )
 from vlm_lens.analysis.attribution import image_token_attribution, logit_target, top_attributed_positions
-from vlm_lens.analysis.evaluate import EvalResult, answer_token, compare, evaluate
+from vlm_lens.analysis.evaluate import (
+    EvalResult,
+    answer_positions,
+    answer_token,
+    answer_tokens,
+    compare,
+    evaluate,
+)
 from vlm_lens.analysis.knockout import PAPER_WINDOWS, knockout_hooks, layer_window, sliding_windows
 from vlm_lens.analysis.logit_lens import LogitLensResult, hit_rate, logit_lens
 from vlm_lens.analysis.patching import (
@@ -32,7 +39,8 @@ from vlm_lens.analysis.positions import (
 )
 
 __all__ = [
-    "EvalResult", "GridPatchingResult", "LogitLensResult", "PAPER_WINDOWS", "answer_prob_metric", "answer_token", "background_positions",
+    "EvalResult", "GridPatchingResult", "LogitLensResult", "PAPER_WINDOWS", "answer_positions", "answer_prob_metric", "answer_token",
+    "answer_tokens", "background_positions",
     "compare", "dilate", "embed_ablation_hooks", "evaluate", "high_norm_positions", "hit_rate",
     "image_ablation_hooks", "image_token_attribution", "knockout_hooks", "layer_window", "load_mean",
     "logit_diff_metric", "logit_lens", "logit_target", "mean_visual_token", "normalised", "object_positions",

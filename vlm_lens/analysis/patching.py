@@ -56,7 +56,7 @@ def patch_image_positions(model: HookedVLM, clean: VLMInputs, corrupted: VLMInpu
     """
     if clean.layout.axis == "keys":
         raise ValueError("this model reads images through cross-attention: its image positions are keys, not "
-                         "sequence positions; patch the keys (Mllama: architectures.mllama.analysis.patch_image_keys).")
+                         "sequence positions; patch the keys with the family's own tool (patch_image_keys in its architectures/<family>/analysis.py).")
     if clean.tokens.shape != corrupted.tokens.shape or not torch.equal(clean.image_mask, corrupted.image_mask):
         raise ValueError("clean and corrupted inputs must have the same shape and image positions.")
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)

@@ -3,12 +3,16 @@
 Each family (a folder under ``vlm_lens/architectures/``) registers one ``ArchitectureSpec`` in its
 ``__init__``: how to read its configs, turn an in-memory HF model into a HookedVLM state dict, load its
 processor, and build its image pipeline. Families are found by listing the folder, so adding one is a new
-folder; the core never tests architecture names.
+folder; the core never tests architecture names. Looking up a checkpoint's architecture first imports the
+family folder named like its config's ``model_type``, if there is one, and every family only when that
+does not register it (importing all of them, and the transformers model modules they use, takes longer
+than Hugging Face's whole loading of a small model).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -31,7 +35,9 @@ class ArchitectureSpec:
     name: str  # HF architecture, e.g. "LlavaForConditionalGeneration"
     build_configs: ConfigBuilder
     convert_weights: WeightConverter
-    pipeline: Callable[[], ImagePipeline]  # a new pipeline object per model
+    # a new pipeline object per model, given the model's config: a pipeline class, or a function that picks one by
+    # config where one class name covers checkpoints with different image paths (LLaVA with a Pixtral tower)
+    pipeline: Callable[[VLMConfig], ImagePipeline]
     hf_class: Callable[[], type] | None = None  # lazily returns the HF class; None: ``transformers.<name>``
     load_processor: Callable[..., Any] | None = None  # (name_or_path, **hf_kwargs); None: AutoProcessor
     family: str = ""  # the package under vlm_lens.architectures that registered it (set by register)
@@ -87,8 +93,15 @@ def all_specs() -> list[ArchitectureSpec]:
     return [_REGISTRY[name] for name in sorted(_REGISTRY)]
 
 
-def get_spec(architecture: str | None) -> ArchitectureSpec:
-    _discover()
+def get_spec(architecture: str | None, model_type: str | None = None) -> ArchitectureSpec:
+    """The spec registered for ``architecture``; ``model_type`` (the HF config's) names the family folder to
+    try first."""
+    if architecture not in _REGISTRY and model_type and model_type.isidentifier():
+        name = f"{__package__}.{model_type}"
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+    if architecture not in _REGISTRY:
+        _discover()
     if architecture not in _REGISTRY:
         raise ValueError(
             f"Unsupported architecture {architecture!r}. vlm_lens supports: "

@@ -1,9 +1,11 @@
-"""Finding a checkpoint's safetensors files and reading them one tensor at a time.
+"""Finding a checkpoint's safetensors files and reading them: memory-mapped, or one tensor at a time.
 
-Hugging Face's loader memory-maps safetensors files. The mapped pages of the whole file stay resident
-until every tensor of the file is freed, so a converter that makes its own copies (TransformerLens's
-layout, folded norms) holds the checkpoint twice. Reading each tensor into its own buffer (safetensors'
-``pread`` backend) lets the loader free a block's source weights as soon as that block is converted.
+Weights kept in the stored dtype are memory-mapped, as Hugging Face's loader does: CPU weights stay views
+of the file, read on first use, and processing writes into them in place (the file is mapped privately,
+so only the pages written become process memory, copy-on-write). When loading casts (a float16 checkpoint
+loaded in float32, say), every tensor is copied anyway, and the mapped pages a cast has read would stay
+resident until every tensor of the file is freed, beside the copies; then each tensor is read into its own
+buffer (safetensors' ``pread`` backend), freed once cast.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from typing import Any
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +24,8 @@ SAFE_INDEX = "model.safetensors.index.json"
 # Mis-shaped weights listed in transformers' loading report (which the caller turns into an error
 # naming them) instead of a RuntimeError whose details only reach the log.
 STRICT_REPORT = {"ignore_mismatched_sizes": True}
+# safetensors' names of the floating-point dtypes transformers casts to the requested dtype.
+_STORED_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 
@@ -42,19 +48,18 @@ def safetensors_files(name_or_path: str, **hub_kwargs: Any) -> list[str] | None:
 
 
 def load_hf_model(hf_class: type, config: Any, files: list[str], dtype: Any, *, device: Any = "cpu",
-                  mapped: bool = False, **kwargs: Any) -> tuple[Any, dict]:
+                  **kwargs: Any) -> tuple[Any, dict]:
     """``hf_class.from_pretrained`` on the given safetensors files, each tensor placed on ``device`` as it is
     read (transformers builds the model on the meta device first and materialises one weight at a time).
 
-    ``mapped=False`` reads each tensor into its own memory (safetensors' ``pread`` backend), so a converter
-    that copies (weight processing) can free each source as it goes; ``mapped=True`` memory-maps the file
-    as transformers does: CPU weights stay views of the file, read on first use (no copy at all when the
-    layout is kept, e.g. without processing). On another device, the host holds only the tensors in
-    flight. transformers still applies its key renaming, dtype casts and missing/unexpected-key report;
-    only the reading is ours. Returns the model and transformers' loading info.
+    Files are memory-mapped unless loading in ``dtype`` casts their weights (then read one tensor at a
+    time; see the module's docstring). On another device, the host holds only the tensors in flight.
+    transformers still applies its key renaming, dtype casts and missing/unexpected-key report; only the
+    reading is ours. Returns the model and transformers' loading info.
     """
     from safetensors import safe_open
 
+    mapped = not casts(files, dtype)
     with ExitStack() as stack:
         lazy: dict[str, Any] = {}
         for path in files:
@@ -66,6 +71,21 @@ def load_hf_model(hf_class: type, config: Any, files: list[str], dtype: Any, *, 
             kwargs["device_map"] = {"": device}
         return hf_class.from_pretrained(None, config=config, state_dict=lazy, dtype=dtype,
                                         output_loading_info=True, **{**kwargs, **STRICT_REPORT})
+
+
+def casts(files: list[str], dtype: torch.dtype | None) -> bool:
+    """Whether loading in ``dtype`` converts a stored floating-point tensor (reads the headers only)."""
+    from safetensors import safe_open
+
+    if dtype is None:
+        return False
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                stored = _STORED_FLOATS.get(handle.get_slice(key).get_dtype())
+                if stored is not None and stored != dtype:
+                    return True
+    return False
 
 
 def _open(safe_open: Any, path: str, mapped: bool = False) -> Any:

@@ -1,23 +1,26 @@
 """Loading HF checkpoints into a HookedVLM: strict, and never two full copies of the weights at once.
 
-transformers builds the HF model from safetensors read one tensor at a time (``loading/checkpoint.py``); the
-model is converted into a state dict of views of its tensors and dropped; then the weights move into a
-HookedVLM whose parameters were allocated but never written (so never resident): vision and projector
-tensors one at a time, language-model weights one block at a time through TransformerLens's processing
-(``_tl/processing.py``). Each source tensor is freed as soon as it has moved, so the peak is about one copy
-of the weights plus one block (benchmarks/results/ has the measured figures).
+transformers builds the HF model from safetensors, memory-mapped (or read one tensor at a time where loading
+casts; ``loading/checkpoint.py``); the model is converted into a state dict of views of its tensors and
+dropped; then the weights move into a HookedVLM whose parameters were allocated but never written (so never
+resident): vision and projector tensors one at a time, language-model weights one block at a time through
+weight processing (``_tl/processing.py``: in place for RMS-normed models, so only the weights that change are
+written, once). Each source tensor is freed as soon as it has moved, so the peak is about one copy of the
+weights plus one block (benchmarks/results/ has the measured figures).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
 from vlm_lens._memory import Trimmer, release_freed_memory
-from vlm_lens._tl.processing import folded_config, process_group
+from vlm_lens._tl.processing import folded_config, process_group, require_supported
 from vlm_lens._tl.weights import set_parameter
 from vlm_lens.architectures.checks import require_exact_keys
 from vlm_lens.architectures.registry import architecture_of, get_spec
@@ -28,7 +31,7 @@ from vlm_lens.loading.checkpoint import (
     load_hf_model,
     safetensors_files,
 )
-from vlm_lens.loading.weights import LM_PREFIXES, drain, lm_groups, processed_keys
+from vlm_lens.loading.weights import LM_PREFIXES, drain, lm_groups, processed_keys, shared_memory_keys
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +54,11 @@ def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, pr
     dtype = resolve_dtype(dtype)
     hf_kwargs.pop("trust_remote_code", None)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **hf_kwargs)
-    spec = get_spec(architecture_of(config))
+    spec = get_spec(architecture_of(config), getattr(config, "model_type", None))
     try:
         files = safetensors_files(name_or_path, **hf_kwargs)
         if files is not None:
-            hf_model, info = load_hf_model(spec.hf_class(), config, files, dtype, device=device,
-                                           mapped=not any(processing.values()), **hf_kwargs)
+            hf_model, info = load_hf_model(spec.hf_class(), config, files, dtype, device=device, **hf_kwargs)
         elif allow_pickle:
             hf_model, info = spec.hf_class().from_pretrained(
                 name_or_path, dtype=dtype, use_safetensors=False, output_loading_info=True,
@@ -107,14 +109,15 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
     """Convert an HF model. ``hf_model`` may be a one-element list, which is emptied to free it early.
 
     Weights move into the HookedVLM one tensor at a time (vision, projector) or one group at a time
-    (language model: embedding, each block's attention and MLP, unembedding, where processing makes new
-    tensors); each source tensor is released once it has been moved.
+    (language model: embedding, each block's attention and MLP, unembedding, which processing writes into;
+    a model passed in, not in a list, is the caller's: what processing writes is copied first); each source
+    tensor is released once it has been moved.
     """
     holder = hf_model if isinstance(hf_model, list) else [hf_model]
     model = holder[0]
     dtype = resolve_dtype(dtype) or next(model.parameters()).dtype
     device = device or next(model.parameters()).device
-    spec = get_spec(architecture_of(model.config) or type(model).__name__)
+    spec = get_spec(architecture_of(model.config) or type(model).__name__, getattr(model.config, "model_type", None))
     cfg, vlm_cfg = spec.build_configs(model.config, dtype, str(device))
     with torch.no_grad():  # views without autograd graphs, which would keep HF's parameters alive
         state = {k: v.detach() for k, v in spec.convert_weights(model, cfg, vlm_cfg).items()}
@@ -127,26 +130,50 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
         logger.warning("center_unembed is off for %s: its logits are soft-capped.", spec.name)
         processing = {**processing, "center_unembed": False}
     process = any(processing.values())
+    if process:
+        require_supported(cfg)
     fold = bool(processing.get("fold_ln"))
     tokenizer = getattr(processor, "tokenizer", None)
     vlm = cls(folded_config(cfg) if fold else cfg, vlm_cfg, tokenizer=tokenizer, processor=processor,
               move_to_device=False, fast=fast)
     params = _check_state(vlm, state, processed_keys(state, fold))
+    # Processing writes into the weights: those of a model we were handed, and those sharing memory with
+    # another weight (tied embeddings), are copied first.
+    if not process:
+        copy_first: set[str] = set()
+    elif isinstance(hf_model, list):  # ours
+        copy_first = shared_memory_keys(state)
+    else:
+        copy_first = set(state)
     trimmer = Trimmer(sum(p.numel() * p.element_size() for p in params.values()) // 50)
     for key in [k for k in state if not k.startswith(LM_PREFIXES)]:
         trimmer.freed(_assign(vlm, params, key, state.pop(key), dtype))
-    for name, keys in lm_groups(list(state)):
-        part = {k: state.pop(k) for k in keys}
-        if process:
-            with torch.no_grad():
-                part = process_group(name, part, cfg, processing)
-            release_freed_memory()  # the group's intermediate copies
-        for key, tensor in drain(part):
-            trimmer.freed(_assign(vlm, params, key, tensor, dtype))
+    with torch.no_grad(), _one_cpu_thread() if process else nullcontext():
+        for name, keys in lm_groups(list(state)):
+            part = {k: state.pop(k) for k in keys}
+            if process:
+                part = process_group(name, part, cfg, processing, copy_first)
+            for key, tensor in drain(part):
+                trimmer.freed(_assign(vlm, params, key, tensor, dtype))
     release_freed_memory()
     vlm.to(torch.device(device) if not isinstance(device, torch.device) else device)
     vlm.eval()
     return vlm
+
+
+@contextmanager
+def _one_cpu_thread() -> Iterator[None]:
+    """torch's CPU ops on one thread, for the duration. Processing is a few dozen short memory-bound ops
+    (mostly page faults): on a busy machine each op otherwise waits at torch's thread barrier for a
+    scheduler time slice (on the 2-core benchmark machine, 16 ms for one fold of a 4 MB weight against
+    0.1 ms on one thread, and 0.8 s against 0.3 s for processing the benchmark model). GPU ops are
+    unaffected."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _drop_tensors(model: nn.Module) -> None:

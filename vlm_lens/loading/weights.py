@@ -12,6 +12,10 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
+from vlm_lens._memory import span_bytes
+
 # Only the language model's own weights are processed (vision tower, projector and extras such as
 # LLaVA-NeXT's image_newline are left as they are).
 LM_PREFIXES = ("embed.", "pos_embed.", "blocks.", "ln_final.", "unembed.")
@@ -38,6 +42,21 @@ def lm_groups(keys: Any) -> Iterator[tuple[str, list[str]]]:
     for name in sorted(blocks, key=lambda n: (int(n.split(".")[1]), n)):
         yield name, blocks[name]
     yield "unembed", [k for k in keys if k.startswith(("ln_final.", "unembed."))]
+
+
+def shared_memory_keys(state: dict[str, torch.Tensor]) -> set[str]:
+    """Keys whose tensors share memory with another key's (tied embeddings, say): processing in place must
+    copy them before writing. Spans are compared, so views of one buffer count as sharing only where they
+    overlap (the rows of a fused q/k/v weight do not)."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + span_bytes(t), k) for k, t in state.items()
+                   if t.device.type != "meta" and t.numel())
+    shared, end, owner = set(), -1, None
+    for start, stop, key in spans:
+        if start < end:
+            shared.update((key, owner))
+        if stop > end:
+            end, owner = stop, key
+    return shared
 
 
 def drain(d: dict) -> Iterator[tuple[str, Any]]:

@@ -1,16 +1,17 @@
 """The model organisms: tiny LLaVA-1.5 models trained on synthetic shapes with known patch-level ground truth.
 
-Two ship with the package (``available()``):
-
-- ``"shapes"`` (the default): 48 px images on a 3 x 3 grid of 16 px patches, one to three objects, one
-  object per patch, a 4-layer language model; four one-word question types.
+- ``"shapes"`` (the default, shipped): 48 px images on a 3 x 3 grid of 16 px patches, one to three
+  objects, one object per patch, a 4-layer language model; four one-word question types.
 - ``"scenes"``: 96 px images on an 8 x 8 grid of 12 px patches, one to five objects that span and straddle
-  patches on a noisy, cluttered background, an 8-layer language model; seven question types including
-  counting, relative position and a two-word description.
+  patches on a noisy, cluttered background, for an 8-layer language model; seven question types including
+  counting, relative position and a two-word description. Its scene generator and training command exist;
+  its weights do not ship yet (no training run has reached the 95 % per-type bar; see README.md here).
+
+``available()`` lists the organisms whose weights ship:
 
 >>> from vlm_lens import organism
 >>> organism.available()
-('shapes', 'scenes')
+('shapes',)
 >>> item = organism.ShapesDataset(split="test", seed=0, size=10)[0]
 >>> item.prompt.endswith("<image> ASSISTANT:")
 True
@@ -41,14 +42,17 @@ _FOLDERS = {"shapes": "weights", "scenes": "weights_scenes"}
 
 
 def available() -> tuple[str, ...]:
-    """The names of the shipped organisms; the first is the default."""
-    return tuple(_FOLDERS)
+    """The names of the organisms whose weights ship with this install; the first (shapes) is ``load()``'s
+    default, the last (the richest) the demo's. An
+    organism whose scene generator exists but whose weights are not shipped (``ShapesDataset(...,
+    organism=name)`` still works) is left out; ``load(name=...)`` says how to train it."""
+    return tuple(name for name in _FOLDERS if (path(name) / "model.safetensors").exists())
 
 
 def path(name: str = "shapes") -> Path:
     """The HF-format folder of the organism ``name`` (config, safetensors, tokenizer, processor)."""
     if name not in _FOLDERS:
-        raise ValueError(f"unknown organism {name!r}; available: {available()}")
+        raise ValueError(f"unknown organism {name!r}; expected one of {tuple(_FOLDERS)}")
     return Path(__file__).resolve().parent / _FOLDERS[name]
 
 
@@ -60,6 +64,7 @@ def load(device: str = "cpu", *, name: str = "shapes", model_class=None):
     folder = path(name)
     if not (folder / "model.safetensors").exists():
         raise FileNotFoundError(
-            f"the {name!r} organism's weights are missing from {folder}; reinstall vlm_lens"
+            f"the {name!r} organism's weights are not in {folder}: train them with `python -m "
+            f"vlm_lens.organism.train --organism {name} --out {folder}` (see vlm_lens/organism/README.md)"
         )
     return (model_class or HookedVLM).from_pretrained(str(folder), device=device)

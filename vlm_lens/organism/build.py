@@ -22,7 +22,6 @@ from vlm_lens.organism import data
 
 SPECIAL = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
 CHAT_WORDS = ("user", "assistant", ":", "?")
-WORDS = (*CHAT_WORDS, *data.WORDS)  # the shapes organism's words
 # "USER: q1\n<image> ASSISTANT: a1</s>USER: q2 ASSISTANT:" -- the question comes before the image, so the
 # image tokens can attend to it (the format the shipped weights were trained on). Text parts are written
 # before image parts whatever their order in the message, so chat=True gives the trained format.
@@ -151,8 +150,9 @@ def encode(processor: LlavaProcessor, items, with_answers: bool = False) -> dict
 
 
 def encode_fast(processor: LlavaProcessor, items) -> dict[str, torch.Tensor]:
-    """Same tensors as :func:`encode` (pixel values to within float rounding, about 5e-7) without the image
-    processor's per-image overhead; ``tests/organism`` checks the two agree."""
+    """The prompt-only tensors of :func:`encode` (``input_ids``, ``attention_mask``, ``pixel_values`` to within
+    float rounding, about 5e-7, ``last``, ``answer``; no ``answers``) without the image processor's per-image
+    overhead; ``tests/organism`` checks the two agree."""
     n_image_tokens = (processor.image_processor.crop_size["height"] // processor.patch_size) ** 2
     texts = [it.prompt.replace("<image>", "<image>" * n_image_tokens) for it in items]
     batch = processor.tokenizer(texts, return_tensors="pt", padding=True)

@@ -35,10 +35,10 @@ from vlm_lens.organism.drawing import (
     SPLITS,
     ShapeObject,
     ShapesItem,
-    patch_mask_of,
+    draw_objects,
+    exists_question,
     position_name,
     prompt_for,
-    shape_pixels,
     split_of,
 )
 
@@ -81,14 +81,8 @@ def render(scene: tuple) -> tuple[Image.Image, tuple[ShapeObject, ...]]:
     """Draw a scene; returns the RGB image and its objects with pixel and patch masks."""
     pixels = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     pixels[:] = BACKGROUND
-    objects = []
-    for (row, col), shape, colour, size, dy, dx, rgb in scene:
-        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
-        top, left = row * CELL + dy, col * CELL + dx
-        mask[top : top + size, left : left + size] = shape_pixels(shape, size)
-        pixels[mask] = rgb
-        objects.append(ShapeObject(shape, colour, (row, col), mask, patch_mask_of(mask, PATCH)))
-    return Image.fromarray(pixels, "RGB"), tuple(objects)
+    objects = draw_objects(pixels, scene, CELL, PATCH)
+    return Image.fromarray(pixels, "RGB"), objects
 
 
 def _question(
@@ -104,15 +98,8 @@ def _question(
         return f"what shape is at the {position_name(obj.cell)} ?", obj.shape, obj
     if kind != "exists":
         raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
-    if rng.random() < 0.5:
-        return f"is there a {obj.colour} {obj.shape} ?", "yes", obj
-    present = {(o.colour, o.shape) for o in objects}
-    if len(objects) > 1 and rng.random() < 0.5:  # hard negative: a colour and a shape that are both present
-        pairs = [(a.colour, b.shape) for a in objects for b in objects if a is not b]
-    else:
-        pairs = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
-    colour, shape = pairs[int(rng.integers(len(pairs)))]
-    return f"is there a {colour} {shape} ?", "no", None
+    question, answer, about = exists_question(rng, obj, objects, SHAPES)
+    return question, answer, obj if about else None
 
 
 def make_scene(split: str, seed: int, index: int, n_objects: int | None = None):

@@ -98,3 +98,33 @@ def split_of(scene: tuple, test_fraction: float) -> str:
     """The split a scene belongs to: its parameters hashed to [0, 1), "test" below ``test_fraction``."""
     digest = hashlib.sha256(repr(scene).encode()).digest()
     return "test" if int.from_bytes(digest[:8], "little") / 2**64 < test_fraction else "train"
+
+
+def draw_objects(pixels: np.ndarray, params, cell: int, patch: int) -> tuple[ShapeObject, ...]:
+    """Paint each object ``(cell (row, col), shape, colour, size, dy, dx, rgb)`` of a scene into ``pixels``
+    (uint8 [H, W, 3], in place), at offset (dy, dx) inside its ``cell``-pixel cell; returns the objects with
+    their pixel masks and their patch masks on the ``patch``-pixel grid."""
+    height, width = pixels.shape[:2]
+    objects = []
+    for (row, col), shape, colour, size, dy, dx, rgb in params:
+        mask = np.zeros((height, width), dtype=bool)
+        top, left = row * cell + dy, col * cell + dx
+        mask[top : top + size, left : left + size] = shape_pixels(shape, size)
+        pixels[mask] = rgb
+        objects.append(ShapeObject(shape, colour, (row, col), mask, patch_mask_of(mask, patch)))
+    return tuple(objects)
+
+
+def exists_question(rng: np.random.Generator, obj: ShapeObject, objects, shapes) -> tuple[str, str, bool]:
+    """ "is there a <colour> <shape> ?": about ``obj`` ("yes") half the time; otherwise a pair that is not in
+    the image ("no"), half of them (with two or more objects) a colour and a shape that are both present.
+    Returns (question, answer, whether it asks about ``obj``)."""
+    if rng.random() < 0.5:
+        return f"is there a {obj.colour} {obj.shape} ?", "yes", True
+    present = {(o.colour, o.shape) for o in objects}
+    if len(objects) > 1 and rng.random() < 0.5:  # hard negative: a colour and a shape that are both present
+        pairs = [(a.colour, b.shape) for a in objects for b in objects if a is not b]
+    else:
+        pairs = [(c, s) for c in COLOURS for s in shapes if (c, s) not in present]
+    colour, shape = pairs[int(rng.integers(len(pairs)))]
+    return f"is there a {colour} {shape} ?", "no", False

@@ -1,11 +1,12 @@
 """Held-out accuracy and the ground-truth ablation check for the organism, through the HF model.
 
-Accuracy: plain argmax over the whole vocabulary at the last prompt position must be the answer token.
+Accuracy: plain argmax over the whole vocabulary at the last prompt position must be the answer token
+(for a two-word answer, each word must be the argmax given the words before it).
 Ablation: at the projector output (``model.model.multi_modal_projector``), replace the visual tokens of
 the asked-about object's patches (``item.target_mask``) with the mean visual token over many images;
 as a control, replace the same number of random background patches (covered by no object).
 
-Re-run on the shipped weights with ``python -m vlm_lens.organism.sanity``.
+Re-run on the shipped weights with ``python -m vlm_lens.organism.sanity [--organism scenes]``.
 """
 
 from __future__ import annotations
@@ -147,14 +148,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     from vlm_lens.organism import path
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", default=str(path()))
+    parser.add_argument("--organism", default="shapes", help="which shipped organism's test items to use")
+    parser.add_argument("--folder", default=None, help="model folder (default: the shipped organism's)")
     parser.add_argument("--size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    model = LlavaForConditionalGeneration.from_pretrained(args.folder)
-    processor = AutoProcessor.from_pretrained(args.folder)
-    print(json.dumps(evaluate(model, processor, args.size, args.seed), indent=2))  # noqa: T201
+    folder = args.folder or str(path(args.organism))
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    print(json.dumps(evaluate(model, processor, args.size, args.seed, args.organism), indent=2))  # noqa: T201
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Each image is ``IMAGE_SIZE`` x ``IMAGE_SIZE`` pixels (96) on a noisy dark backgr
 strokes and specks. One to five objects, with distinct shapes (five) and distinct colours (six), sit in
 distinct cells of a 3 x 3 layout of ``CELL`` (32) pixel cells, each drawn 16 to 24 px wide at a random
 offset inside its cell. The vision tower cuts the image into ``PATCH`` (12) pixel patches, an 8 x 8 grid;
-cells are not aligned with patches, so an object covers two to three patches a side and straddles patch
-borders.
+cells are not aligned with patches, so an object covers one to three patches a side (mostly two or three)
+and most straddle patch borders.
 
 Patch-mask rule (as for the ``shapes`` organism): ``patch_mask[r, c]`` is True iff the 12 x 12 block of
 pixels of patch ``(r, c)`` holds at least one pixel of the object. Two objects in neighbouring cells can
@@ -43,10 +43,10 @@ from vlm_lens.organism.drawing import (
     SPLITS,
     ShapeObject,
     ShapesItem,
-    patch_mask_of,
+    draw_objects,
+    exists_question,
     position_name,
     prompt_for,
-    shape_pixels,
     split_of,
 )
 
@@ -118,24 +118,21 @@ def render(scene: tuple) -> tuple[Image.Image, tuple[ShapeObject, ...]]:
         else:
             draw.rectangle((x0, y0, x1, y1), fill=(grey, grey, grey))
     pixels = np.array(canvas)
-    objects = []
-    for (row, col), shape, colour, size, dy, dx, rgb in objects_params:
-        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
-        top, left = row * CELL + dy, col * CELL + dx
-        mask[top : top + size, left : left + size] = shape_pixels(shape, size)
-        pixels[mask] = rgb
-        objects.append(ShapeObject(shape, colour, (row, col), mask, patch_mask_of(mask, PATCH)))
-    return Image.fromarray(pixels, "RGB"), tuple(objects)
+    objects = draw_objects(pixels, objects_params, CELL, PATCH)
+    return Image.fromarray(pixels, "RGB"), objects
 
 
-def make_scene(split: str, seed: int, index: int, n_objects: int | None = None):
-    """Image ``index`` of ``split`` for ``seed``: (PIL image, objects). Images whose first question is
-    ``relative`` get at least two objects."""
+def make_scene(
+    split: str, seed: int, index: int, n_objects: int | None = None, max_objects: int = MAX_OBJECTS
+):
+    """Image ``index`` of ``split`` for ``seed``: (PIL image, objects). The object count is ``n_objects``,
+    or drawn uniformly from 1 to ``max_objects`` (the training curriculum lowers it early on). Images whose
+    first question is ``relative`` get at least two objects."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
     rng = np.random.default_rng([SPLITS[split], seed, index, 7])
     least = 2 if QUESTION_TYPES[index % len(QUESTION_TYPES)] == "relative" else 1
-    count = int(rng.integers(least, MAX_OBJECTS + 1)) if n_objects is None else n_objects
+    count = int(rng.integers(least, max(least, max_objects) + 1)) if n_objects is None else n_objects
     while True:
         scene = _sample_scene(rng, count)
         if split_of(scene, TEST_FRACTION) == split:
@@ -183,15 +180,8 @@ def question(rng: np.random.Generator, kind: str, objects: tuple[ShapeObject, ..
         kind = "exists"  # one object: nothing to relate; item types still cycle by index (see make_question)
     if kind != "exists":
         raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
-    if rng.random() < 0.5:
-        return f"is there a {obj.colour} {obj.shape} ?", "yes", (obj,)
-    present = {(o.colour, o.shape) for o in objects}
-    if len(objects) > 1 and rng.random() < 0.5:  # hard negative: a colour and a shape that are both present
-        pairs = [(a.colour, b.shape) for a in objects for b in objects if a is not b]
-    else:
-        pairs = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
-    colour, shape = pairs[int(rng.integers(len(pairs)))]
-    return f"is there a {colour} {shape} ?", "no", ()
+    question, answer, about = exists_question(rng, obj, objects, SHAPES)
+    return question, answer, (obj,) if about else ()
 
 
 def make_question(objects: tuple[ShapeObject, ...], split: str, seed: int, index: int, turn: int = 0):

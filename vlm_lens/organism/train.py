@@ -1,14 +1,18 @@
-"""Train the shapes organism from scratch on CPU and save it in Hugging Face format.
+"""Train a model organism from scratch on CPU and save it in Hugging Face format.
 
-    python -m vlm_lens.organism.train --out vlm_lens/organism/weights
+    python -m vlm_lens.organism.train --out vlm_lens/organism/weights                   # shapes
+    python -m vlm_lens.organism.train --organism scenes --out vlm_lens/organism/weights_scenes
 
 Each training sequence is one image with ``--turns`` questions as a multi-turn chat
 ("USER: q1\n<image> ASSISTANT: a1</s>USER: q2 ASSISTANT: a2</s>..."); its first turn is exactly the
 single-question prompt of ``ShapesDataset``, so the evaluation format is part of training. The loss is
-cross-entropy on each one-token answer and the ``</s>`` after it, plus an auxiliary per-patch loss:
-throwaway linear heads on the projector output predict each patch's object colour, object shape (or
-background) and grid cell. The heads are not saved; they keep object information local to the object's
-patch, which is what the ablation check in ``sanity.py`` relies on.
+cross-entropy on each answer token (one word, or two for the scenes organism's ``describe``) and the
+``</s>`` after the answer, plus an auxiliary per-patch loss: throwaway linear heads on the projector output
+predict each patch's object colour, object shape (or background) and grid cell. The heads are not saved;
+they keep object information local to the object's patch, which is what the ablation check in
+``sanity.py`` relies on. With ``--target-weight`` (the scenes default) another throwaway head on the
+language model's middle layer predicts, at each image token, whether the patch belongs to the objects the
+answer needs.
 """
 
 from __future__ import annotations
@@ -60,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0,
         help="training images generated up front and sampled from; 0: fresh images every step",
     )
+    p.add_argument(
+        "--curriculum",
+        default=None,
+        help="object-count curriculum as 'fraction:max,...' (e.g. '0:2,0.3:3,0.5:5': images have at most two "
+        "objects for the first 30 %% of steps, three until half way, then the organism's maximum)",
+    )
     p.add_argument("--vision-width", type=int, default=None)
     p.add_argument("--vision-layers", type=int, default=None)
     p.add_argument("--text-width", type=int, default=128)
@@ -71,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-size", type=int, default=300)
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="folder where the model is saved at every validation (overwritten), to resume with --init",
+    )
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.organism].items():
         if getattr(args, key) is None:
@@ -96,11 +111,24 @@ class PatchHeads(torch.nn.Module):
         )
 
 
-def conversation(split: str, seed: int, index: int, turns: int, source=data):
+def max_objects_at(step: int, args) -> int | None:
+    """The curriculum's object cap at ``step`` (None: no curriculum)."""
+    if not args.curriculum:
+        return None
+    cap = None
+    for part in args.curriculum.split(","):
+        fraction, top = part.split(":")
+        if step >= float(fraction) * args.steps:
+            cap = int(top)
+    return cap
+
+
+def conversation(split: str, seed: int, index: int, turns: int, source=data, max_objects: int | None = None):
     """Image ``index`` with ``turns`` questions as one chat, and the first question's target mask; the first
     turn is exactly the single-question prompt users send (``ShapesDataset`` item ``index``), so training
     covers the evaluation format."""
-    image, objects = source.make_scene(split, seed, index)
+    cap = {} if max_objects is None else {"max_objects": max_objects}
+    image, objects = source.make_scene(split, seed, index, **cap)
     questions = [source.make_question(objects, split, seed, index, t) for t in range(turns)]
     qa = [q[:2] for q in questions]
     text = data.prompt_for(qa[0][0])
@@ -111,14 +139,14 @@ def conversation(split: str, seed: int, index: int, turns: int, source=data):
 
 
 def make_pool(
-    processor, size: int, seed: int, turns: int, start: int = 0, source=data
+    processor, size: int, seed: int, turns: int, start: int = 0, source=data, max_objects: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Tokenised chats, pixel values, next-token labels (answers and the </s> after them; -100 elsewhere)
     and per-patch labels for training images ``start`` to ``start + size - 1``."""
     tok = processor.tokenizer
     indices = range(start, start + size)
     chats = [
-        conversation("train", seed, i, turns, source)
+        conversation("train", seed, i, turns, source, max_objects)
         for i in (tqdm(indices, desc="data", leave=False) if size > 1000 else indices)
     ]
     n_image_tokens = source.GRID * source.GRID
@@ -165,7 +193,7 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
         model = LlavaForConditionalGeneration.from_pretrained(args.init)
     heads = PatchHeads(args.text_width, source, target=args.target_weight > 0)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model parameters: {n_params / 1e6:.2f} M")
+    tqdm.write(f"model parameters: {n_params / 1e6:.2f} M")
 
     pool = make_pool(processor, args.pool, args.seed, args.turns, source=source) if args.pool else None
     params = list(model.parameters()) + list(heads.parameters())
@@ -184,7 +212,13 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
         model.train()
         if pool is None:
             batch = make_pool(
-                processor, args.batch, args.seed, args.turns, args.data_start + step * args.batch, source
+                processor,
+                args.batch,
+                args.seed,
+                args.turns,
+                args.data_start + step * args.batch,
+                source,
+                max_objects_at(step, args),
             )
         else:
             idx = torch.from_numpy(rng.integers(0, args.pool, args.batch))
@@ -199,6 +233,7 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
         answer_loss = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
         aux_loss = heads.loss(captured["v"], {k: batch[k] for k in ("colour", "shape", "cell")})
         loss = answer_loss + args.aux_weight * aux_loss
+        target_loss = torch.zeros(())
         if heads.target is not None:
             image_rows = captured["mid"][batch["input_ids"][:, :length] == config.image_token_index]
             target_loss = F.cross_entropy(heads.target(image_rows), batch["target"].flatten())
@@ -210,10 +245,17 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 20 == 0:
-            bar.set_postfix(loss=f"{answer_loss.item():.3f}", aux=f"{aux_loss.item():.3f}")
+            bar.set_postfix(
+                loss=f"{answer_loss.item():.3f}",
+                aux=f"{aux_loss.item():.3f}",
+                target=f"{target_loss.item():.3f}",
+            )
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             val = sanity.accuracy_by_type(val_items, sanity.predictions(model, processor, val_items))
             tqdm.write(f"step {step + 1}: validation " + " ".join(f"{k}={v:.3f}" for k, v in val.items()))
+            if args.checkpoint:
+                model.save_pretrained(args.checkpoint)
+                processor.save_pretrained(args.checkpoint)
     return model, processor
 
 

@@ -140,10 +140,10 @@ class Case:
     save: Callable = field(repr=False)  # (folder: Path) -> (folder, hf_model)
     hf_inputs: Callable = field(repr=False)  # (VLMInputs) -> HF forward kwargs
     # (hf_model, VLMInputs) -> HF's [batch, pos, vocab] logits, for a family whose batch rows equal HF run row by
-    # row rather than HF's own batched call (Mllama); None: ``hf(**hf_inputs(inputs)).logits``
+    # row rather than HF's own batched call (cross-attention models); None: ``hf(**hf_inputs(inputs)).logits``
     hf_logits: Callable | None = field(default=None, repr=False)
     # (VLMInputs) -> (row, start, end) of the sequence positions that stand for the last image, for a family whose
-    # layout is not on the sequence (Mllama: keys); None: the last layout span
+    # layout is not on the sequence (cross-attention: keys); None: the last layout span
     last_image_tokens: Callable | None = field(default=None, repr=False)
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # hypothesis's report: the repr, not the config

@@ -14,7 +14,7 @@ Example:
 """
 
 from vlm_lens.viz.attention import attention_heads, attention_patterns, attention_view_data
-from vlm_lens.viz.image import attention_to_image, image_heatmap, pixels_to_image, save_figure
+from vlm_lens.viz.image import attention_to_image, image_grid, image_heatmap, pixels_to_image, save_figure
 from vlm_lens.viz.logit_lens import logit_lens_page, save_html
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "attention_patterns",
     "attention_to_image",
     "attention_view_data",
+    "image_grid",
     "image_heatmap",
     "logit_lens_page",
     "pixels_to_image",

@@ -21,8 +21,10 @@ Number = float | int
 def _image_processor(model: HookedVLM) -> Any:
     processor = getattr(model, "processor", None)
     if processor is None:
-        raise ValueError("This model has no processor, so its image normalisation is unknown; load it with "
-                         "from_pretrained or pass processor= to HookedVLM.from_hf.")
+        raise ValueError(
+            "This model has no processor, so its image normalisation is unknown; load it with "
+            "from_pretrained or pass processor= to HookedVLM.from_hf."
+        )
     return getattr(processor, "image_processor", processor)
 
 
@@ -42,8 +44,10 @@ def pixels_to_image(model: HookedVLM, pixel_values: Float[torch.Tensor, "channel
     ip = _image_processor(model)
     x = pixel_values.detach().float().cpu()
     if x.shape[0] != 3:
-        raise ValueError(f"pixel_values has shape {tuple(x.shape)}; give one RGB image as [3, height, width], "
-                         "e.g. inputs.pixel_values[0].")
+        raise ValueError(
+            f"pixel_values has shape {tuple(x.shape)}; give one RGB image as [3, height, width], "
+            "e.g. inputs.pixel_values[0]."
+        )
     if getattr(ip, "do_normalize", True):
         mean = torch.as_tensor(ip.image_mean, dtype=torch.float32).reshape(-1, 1, 1)
         std = torch.as_tensor(ip.image_std, dtype=torch.float32).reshape(-1, 1, 1)
@@ -67,10 +71,14 @@ def _rgb_array(image: Any) -> np.ndarray:
 
 
 def _value_grid(values: Any) -> np.ndarray:
-    grid = values.detach().float().cpu().numpy() if torch.is_tensor(values) else np.asarray(values, dtype=float)
+    grid = (
+        values.detach().float().cpu().numpy() if torch.is_tensor(values) else np.asarray(values, dtype=float)
+    )
     if grid.ndim != 2 or 0 in grid.shape:
-        raise ValueError(f"values has shape {grid.shape}; give one value per patch as [rows, cols] "
-                         "(e.g. attention_to_image(...) or a probe's per-patch scores).")
+        raise ValueError(
+            f"values has shape {grid.shape}; give one value per patch as [rows, cols] "
+            "(e.g. attention_to_image(...) or a probe's per-patch scores)."
+        )
     return grid
 
 
@@ -84,41 +92,117 @@ def _patch_ticks(ax: Any, n: int, length: Number, axis: str) -> None:
         ax.set_yticks(centres, [str(i) for i in idx])
 
 
-def image_heatmap(image: Any, values: Any, *, alpha: Number = 0.5, ax: Any = None, title: str | None = None,
-                  cmap: str = "viridis", vmin: Number | None = None, vmax: Number | None = None,
-                  colorbar: bool = True) -> Any:
+def _new_axes(ax: Any, figsize: tuple[float, float]) -> tuple[Any, Any]:
+    """(figure, axes): ``ax``'s, or a new figure with its own Agg canvas (no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if ax is not None:
+        return ax.figure, ax
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _draw_grid(ax: Any, rows: int, cols: int, width: Number, height: Number, outline: Any = None) -> None:
+    """Patch borders over the image, and a red outline around each cell where ``outline`` is True."""
+    from matplotlib.patches import Rectangle
+
+    for c in range(1, cols):
+        ax.axvline(c * width / cols, color="white", linewidth=0.8, alpha=0.7)
+    for r in range(1, rows):
+        ax.axhline(r * height / rows, color="white", linewidth=0.8, alpha=0.7)
+    if outline is not None:
+        for r, c in np.argwhere(np.asarray(outline, dtype=bool)):
+            ax.add_patch(
+                Rectangle(
+                    (c * width / cols, r * height / rows),
+                    width / cols,
+                    height / rows,
+                    fill=False,
+                    edgecolor="#ff3b30",
+                    linewidth=2.5,
+                )
+            )
+
+
+def image_grid(
+    image: Any,
+    grid_shape: tuple[int, int],
+    *,
+    outline: Any = None,
+    ax: Any = None,
+    title: str | None = None,
+    size: Number = 6.4,
+) -> Any:
+    """The image with its patch grid drawn over it (and the cells where ``outline`` is True outlined in
+    red, e.g. an object's patch mask); returns the matplotlib ``Figure`` (``size`` inches a side).
+
+    Example:
+        >>> fig = viz.image_grid(item.image, item.target_mask.shape, outline=item.target_mask)
+        >>> viz.save_figure(fig, "grid.png").name
+        'grid.png'
+    """
+    rows, cols = grid_shape
+    if outline is not None and np.asarray(outline).shape != (rows, cols):
+        raise ValueError(
+            f"outline has shape {np.asarray(outline).shape}; give a bool mask of the grid, {rows}x{cols}."
+        )
+    pixels = _rgb_array(image)
+    fig, ax = _new_axes(ax, (size, size))
+    height, width = pixels.shape[:2]
+    ax.imshow(pixels, extent=(0, width, height, 0), interpolation="nearest")
+    _draw_grid(ax, rows, cols, width, height, outline)
+    _patch_ticks(ax, cols, width, "x")
+    _patch_ticks(ax, rows, height, "y")
+    ax.set_xlabel("patch column")
+    ax.set_ylabel("patch row")
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def image_heatmap(
+    image: Any,
+    values: Any,
+    *,
+    alpha: Number = 0.5,
+    ax: Any = None,
+    title: str | None = None,
+    cmap: str = "viridis",
+    vmin: Number | None = None,
+    vmax: Number | None = None,
+    colorbar: bool = True,
+    grid: bool = False,
+) -> Any:
     """Draw a per-patch value grid over the image; returns the matplotlib ``Figure``.
 
     ``values`` is [rows, cols] (tensor or array). The grid is stretched over the whole image, so cell
-    (r, c) lies exactly over patch (r, c); ticks are patch indices. Pass ``ax`` to draw into your own
-    axes. No pyplot state is touched (the figure has its own Agg canvas).
+    (r, c) lies exactly over patch (r, c); ticks are patch indices, and ``grid=True`` draws the patch
+    borders. Pass ``ax`` to draw into your own axes. No pyplot state is touched (the figure has its own
+    Agg canvas).
 
     Example:
         >>> fig = viz.image_heatmap(img, viz.attention_to_image(model, inputs), title="last token")
         >>> viz.save_figure(fig, "attention.png").name
         'attention.png'
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
-    pixels, grid = _rgb_array(image), _value_grid(values)
-    if ax is None:
-        fig = Figure(figsize=(5.0, 4.2))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
+    pixels, cells = _rgb_array(image), _value_grid(values)
+    fig, ax = _new_axes(ax, (5.0, 4.2))
     height, width = pixels.shape[:2]
     extent = (0, width, height, 0)
     ax.imshow(pixels, extent=extent, interpolation="nearest")
-    overlay = ax.imshow(grid, extent=extent, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax,
-                        interpolation="nearest")
+    overlay = ax.imshow(
+        cells, extent=extent, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax, interpolation="nearest"
+    )
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
-    _patch_ticks(ax, grid.shape[1], width, "x")
-    _patch_ticks(ax, grid.shape[0], height, "y")
+    if grid:
+        _draw_grid(ax, *cells.shape, width, height)
+    _patch_ticks(ax, cells.shape[1], width, "x")
+    _patch_ticks(ax, cells.shape[0], height, "y")
     ax.set_xlabel("patch column")
     ax.set_ylabel("patch row")
     if title:
@@ -148,9 +232,16 @@ def _index_list(chosen: Indices, n: int, what: str) -> list[int]:
     return [i % n for i in items]
 
 
-def attention_to_image(model: HookedVLM, inputs: VLMInputs, image_index: int = 0, *, query_positions: Indices = None,
-                       layers: Indices = None, heads: Indices = None,
-                       cache: Any = None) -> Float[torch.Tensor, "rows cols"]:
+def attention_to_image(
+    model: HookedVLM,
+    inputs: VLMInputs,
+    image_index: int = 0,
+    *,
+    query_positions: Indices = None,
+    layers: Indices = None,
+    heads: Indices = None,
+    cache: Any = None,
+) -> Float[torch.Tensor, "rows cols"]:
     """Attention from the query positions to each patch of image ``image_index``, as its [rows, cols] grid.
 
     Averaged over ``query_positions`` (default: the last real token of the image's batch row), ``layers``
@@ -178,7 +269,9 @@ def attention_to_image(model: HookedVLM, inputs: VLMInputs, image_index: int = 0
         _, cache = model.run_with_cache(inputs, names_filter=lambda name: name in wanted)
     missing = [n for n in names if n not in cache]
     if missing:
-        raise ValueError(f"The cache lacks {missing}; run model.run_with_cache(inputs) keeping these patterns.")
+        raise ValueError(
+            f"The cache lacks {missing}; run model.run_with_cache(inputs) keeping these patterns."
+        )
     patterns = torch.stack([cache[n][batch].detach().float().cpu() for n in names])  # [layers, heads, q, k]
     chosen = patterns[:, head_list][:, :, queries][..., grid.flatten()]
     return chosen.mean(dim=(0, 1, 2)).reshape(grid.shape)

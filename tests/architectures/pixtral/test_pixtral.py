@@ -1,6 +1,9 @@
-"""HookedVLM equals Mistral3ForConditionalGeneration: Pixtral blocks, projector with the patch merger, every
-residual, logits and greedy generation; processor shim loaded as on the hub, layout with [IMG_BREAK] and
-[IMG_END], hooks, errors and the analysis toolkit on a tiny seeded model."""
+"""HookedVLM equals the models on a Pixtral tower: Mistral3ForConditionalGeneration (projector with a 2x2 patch
+merger) and LlavaForConditionalGeneration with a Pixtral tower (Pixtral-12B's layout: no merger, LLaVA's
+projector). Pixtral blocks, projector, every residual, logits and greedy generation; processor shim loaded as on
+the hub, layout with [IMG_BREAK] and [IMG_END], hooks, errors and the analysis toolkit, on a tiny seeded model of
+each. Both have the same token grids (8 px a token: 4-px patches merged 2x2, or 8-px patches), so one set of
+tests serves both; what differs is in the tables below and in the tests named after one model."""
 
 import json
 
@@ -20,6 +23,9 @@ from vlm_lens.analysis import (
     top_attributed_positions,
 )
 from vlm_lens.analysis.probing import read_kv
+from vlm_lens.architectures.llava.config import LlavaPixtralConfig, llava_configs
+from vlm_lens.architectures.llava.pipeline import LlavaPipeline, LlavaPixtralPipeline
+from vlm_lens.architectures.llava.testing import save_llava_pixtral, tiny_llava_pixtral_config
 from vlm_lens.architectures.pixtral.config import mistral3_configs
 from vlm_lens.architectures.pixtral.processor import PixtralImagesProcessor
 from vlm_lens.architectures.pixtral.projector import Mistral3Projector
@@ -36,13 +42,24 @@ from vlm_lens.architectures.pixtral.testing import (
     tiny_mistral3_config,
 )
 from vlm_lens.inputs import inputs_from_tokens
+from vlm_lens.projector import LlavaProjector
 from vlm_lens.testing import assert_hooks_live, assert_language_model_matches_hf
 from vlm_lens.testing import real_positions as real
 
+SAVERS = {"mistral3": save_mistral3, "llava": save_llava_pixtral}
+PROJECTORS = {"mistral3": Mistral3Projector, "llava": LlavaProjector}
+PROJECTOR_HOOKS = {"mistral3": ("projector.norm.hook_normalized", "projector.hook_merged"), "llava": ()}
+only = {name: pytest.mark.parametrize("variant", [name], indirect=True) for name in SAVERS}
+
+
+@pytest.fixture(scope="module", params=sorted(SAVERS))
+def variant(request):
+    return request.param
+
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    return save_mistral3(tmp_path_factory.mktemp("mistral3"))
+def saved(variant, tmp_path_factory):
+    return SAVERS[variant](tmp_path_factory.mktemp(variant))
 
 
 @pytest.fixture(scope="module")
@@ -51,48 +68,88 @@ def batch(model):
     return model.prepare(PROMPTS, images=[[image(SIZES["wide"], 0)], [image(SIZES["tall"], 1), image(SIZES["square"], 2)]])
 
 
-def test_processor_shim_loads_the_hub_layout(saved, model, batch):
+def test_processor_shim_loads_the_hub_layout(saved, model, batch, variant):
     folder = saved[0]
     assert json.loads((folder / "processor_config.json").read_text())["processor_class"] == "PixtralProcessor"
     assert json.loads((folder / "preprocessor_config.json").read_text())["image_processor_type"] == "PixtralImageProcessor"
-    assert type(model.processor) is PixtralImagesProcessor
+    assert type(model.processor) is PixtralImagesProcessor  # transformers' PixtralProcessor needs torchvision
     assert type(model.processor.image_processor) is PixtralImageProcessorPil
     assert model.processor.image_token_ids == [IMAGE_TOKEN_ID, BREAK_ID, END_ID]
     assert batch.extras["image_sizes"].tolist() == [[24, 32], [32, 24], [16, 16]]
     assert batch.pixel_values.shape == (3, 3, 32, 32)
-    assert type(model.projector) is Mistral3Projector
+    assert type(model.projector) is PROJECTORS[variant]
     assert all(type(b.attn) is MaskedRotaryAttention for b in model.vision.blocks)
 
 
+def _patch_counts(hf, inputs) -> list[int]:
+    return (inputs.extras["image_sizes"] // hf.config.vision_config.patch_size).prod(-1).tolist()
+
+
 def _hf_vision(hf, inputs):
+    """HF's tower hidden states split per image, and its image embeddings in sequence order."""
     with torch.no_grad():
         out = hf.model.vision_tower(inputs.pixel_values, image_sizes=inputs.extras["image_sizes"],
                                     output_hidden_states=True)
-        embeds = hf.model.get_image_features(inputs.pixel_values, inputs.extras["image_sizes"]).pooler_output
-        merged = hf.model.multi_modal_projector.patch_merger(
-            hf.model.multi_modal_projector.norm(out.hidden_states[-1][0]), inputs.extras["image_sizes"])
-    counts = [(h // 4) * (w // 4) for h, w in inputs.extras["image_sizes"].tolist()]
-    return [h[0].split(counts) for h in out.hidden_states], merged, torch.cat(embeds)
+        embeds = hf.model.get_image_features(pixel_values=inputs.pixel_values,
+                                             image_sizes=inputs.extras["image_sizes"]).pooler_output
+    return [h[0].split(_patch_counts(hf, inputs)) for h in out.hidden_states], torch.cat(embeds)
 
 
 def test_vision_parity_stage_by_stage(model, hf, batch):
-    hidden, merged, embeds = _hf_vision(hf, batch)
+    hidden, embeds = _hf_vision(hf, batch)
+    counts = _patch_counts(hf, batch)
     with torch.no_grad():
         _, cache = model.run_with_cache(batch, names_filter=lambda n: n.startswith(("vision.", "hook_image", "projector.")))
     n = len(model.vision.blocks)
     ours = [cache[f"vision.blocks.{i}.hook_resid_pre"] for i in range(n)] + [cache[f"vision.blocks.{n - 1}.hook_resid_post"]]
     for layer, (mine, images) in enumerate(zip(ours, hidden)):
-        assert mine.shape[:2] == (3, 48)  # images are the batch, padded to 6x8 patches
+        assert mine.shape[:2] == (3, max(counts))  # images are the batch, padded to the largest patch grid
         for i, ref in enumerate(images):
             assert (mine[i, :len(ref)] - ref).abs().max() <= ATOL, (layer, i)
             assert (mine[i, len(ref):] == 0).all() or layer == 0  # padding stays out of every image
-    assert (cache["projector.hook_merged"] - merged).abs().max() <= ATOL
     assert (cache["projector.hook_out"] - embeds).abs().max() <= ATOL
     assert (cache["hook_image_embeds"] - embeds).abs().max() <= ATOL
-    assert cache["hook_image_features"].shape == (28, 4 * 16)
-    pattern = cache["vision.blocks.0.attn.hook_pattern"]  # image 2 has 16 patches: none attends past them
-    assert (pattern[2, :, :16, 16:] == 0).all() and (pattern[2, :, 16:] == 0).all()
-    assert torch.allclose(pattern[2, :, :16].sum(-1), torch.ones(2, 16))
+    pattern, k = cache["vision.blocks.0.attn.hook_pattern"], counts[2]  # image 2's patches attend to themselves only
+    assert (pattern[2, :, :k, k:] == 0).all() and (pattern[2, :, k:] == 0).all()
+    assert torch.allclose(pattern[2, :, :k].sum(-1), torch.ones(2, k))
+
+
+@only["mistral3"]
+def test_mistral3_patch_merger_parity(model, hf, batch):
+    with torch.no_grad():
+        out = hf.model.vision_tower(batch.pixel_values, image_sizes=batch.extras["image_sizes"],
+                                    output_hidden_states=True)
+        merged = hf.model.multi_modal_projector.patch_merger(
+            hf.model.multi_modal_projector.norm(out.hidden_states[-1][0]), batch.extras["image_sizes"])
+        _, cache = model.run_with_cache(batch, names_filter=["hook_image_features", "projector.hook_merged"])
+    assert (cache["projector.hook_merged"] - merged).abs().max() <= ATOL
+    assert cache["hook_image_features"].shape == (28, 4 * 16)  # a 2x2 block of 16-wide patches per token
+
+
+@only["llava"]
+def test_llava_dispatches_on_the_tower_and_features_are_hfs(model, hf, batch, raw_model):
+    assert type(model.vlm_cfg) is LlavaPixtralConfig and model.vlm_cfg.spatial_merge_size == 1
+    assert type(model.pipeline) is LlavaPixtralPipeline and model.vlm_cfg.select_strategy == "full"
+    assert type(raw_model.pipeline) is LlavaPipeline  # a CLIP tower: LLaVA-1.5 as before
+    assert type(raw_model.processor).__name__ == "LlavaProcessor"
+    hidden, _ = _hf_vision(hf, batch)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(batch, names_filter="hook_image_features")
+    assert (cache["hook_image_features"] - torch.cat(hidden[-1])).abs().max() <= ATOL  # one patch, one token
+    assert cache["hook_image_features"].shape == (28, 16)
+
+
+@only["llava"]
+def test_llava_feature_layer_list_equals_hf(tmp_path, batch):
+    """Several feature layers, side by side as transformers concatenates them (0: the blocks' input)."""
+    path, hf = save_llava_pixtral(tmp_path, tiny_llava_pixtral_config(vision_feature_layer=[0, -2, 1]))
+    model = HookedVLM.from_pretrained_no_processing(str(path))
+    assert len(model.vision.blocks) == 2  # the third block is never read
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(batch, names_filter="hook_image_features")
+        ref = hf(**hf_inputs(batch)).logits
+    assert cache["hook_image_features"].shape == (28, 3 * 16)
+    assert real(logits - ref, batch).abs().max() <= ATOL
 
 
 def test_language_model_parity(model, hf, batch):
@@ -134,7 +191,7 @@ def test_processed_weights_match_log_probs(saved, hf, batch):
     assert real(ours - ref, batch).abs().max() <= ATOL
 
 
-def test_every_hook_fires_and_matters(saved, batch):
+def test_every_hook_fires_and_matters(saved, batch, variant):
     model = HookedVLM.from_pretrained_no_processing(str(saved[0]))
     model.set_use_attn_result(True)
     model.set_use_split_qkv_input(True)
@@ -142,8 +199,8 @@ def test_every_hook_fires_and_matters(saved, batch):
     names = [n for n in model.hook_dict if not n.endswith("hook_attn_in")]
     for required in ("vision.hook_patch_embed", "vision.ln_pre.hook_normalized", "vision.blocks.2.attn.hook_rot_k",
                      "vision.blocks.2.mlp.hook_pre_linear", "hook_image_features", "projector.hook_in",
-                     "projector.norm.hook_normalized", "projector.hook_merged", "projector.hook_hidden",
-                     "projector.hook_out", "hook_image_embeds", "hook_embed", "blocks.1.attn.hook_rot_q"):
+                     "projector.hook_hidden", "projector.hook_out", "hook_image_embeds", "hook_embed",
+                     "blocks.1.attn.hook_rot_q", *PROJECTOR_HOOKS[variant]):
         assert required in names
     assert_hooks_live(model, names, batch)
 
@@ -170,10 +227,12 @@ def test_layout_rows_breaks_end_and_boxes(model, batch):
 
 
 def test_one_region_moves_one_token(model, batch):
-    """Pixels of image 0's token (1, 2) reach its four patches only; those patches reach that one token only."""
+    """Pixels of image 0's token (1, 2) reach its patches only (2x2 merged, or 1); those reach that token only."""
     pixels = batch.pixel_values.clone()
     pixels[0, :, 8:16, 16:24] += 1.0
-    patches = torch.tensor([2 * 8 + 4, 2 * 8 + 5, 3 * 8 + 4, 3 * 8 + 5])
+    p, m = model.vlm_cfg.vision.patch_size, model.vlm_cfg.spatial_merge_size
+    cols = 32 // p  # image 0 is 24x32 px, its patches in raster order
+    patches = torch.tensor([(1 * m + i) * cols + 2 * m + j for i in range(m) for j in range(m)])
     with torch.no_grad():
         _, base = model.run_with_cache(batch, names_filter=["vision.hook_patch_embed", "hook_image_embeds", "hook_embed"])
         _, moved = model.run_with_cache(inputs_from_tokens(model, batch.tokens, pixels, batch.attention_mask,
@@ -214,11 +273,23 @@ def test_errors_teach_and_leave_the_model_unchanged(model, batch):
     flat = torch.tensor([[1, 7, 8] + [IMAGE_TOKEN_ID] * 12 + [9, 10]])  # no [IMG_BREAK] between the rows
     with pytest.raises(ValueError, match=r"\[IMG_BREAK\]"):
         inputs_from_tokens(model, flat, pixels[:1], image_sizes=sizes[:1])
-    with pytest.raises(ValueError, match="one int"):
-        mistral3_configs(tiny_mistral3_config(vision_feature_layer=[-1, -2]), torch.float32, "cpu")
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
     with torch.no_grad():
         assert torch.equal(model(batch), base)
+
+
+def test_mistral3_config_errors_name_the_fix():
+    with pytest.raises(ValueError, match="one int"):
+        mistral3_configs(tiny_mistral3_config(vision_feature_layer=[-1, -2]), torch.float32, "cpu")
+
+
+@only["llava"]
+def test_llava_pixtral_config_errors_name_the_fix(model):
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full'"):  # no class token to drop
+        llava_configs(tiny_llava_pixtral_config(vision_feature_select_strategy="default"), torch.float32,
+                      "cpu")
+    with pytest.raises(ValueError, match="set spatial_merge_size=1"):
+        LlavaPixtralConfig(**{**vars(model.vlm_cfg), "spatial_merge_size": 2})
 
 
 def test_text_only_forward_and_start_at_layer(model, hf):
@@ -244,10 +315,12 @@ def test_analysis_toolkit_runs(model):
         with model.hooks(fwd_hooks=image_ablation_hooks(one, grid[1:].flatten(), "zero")):
             _, embeds = model.run_with_cache(one, names_filter="hook_embed")
         knocked = model.run_with_hooks(one, fwd_hooks=knockout_hooks([last], grid.flatten(), "all", n_layers=2))
-        # the language model is causal (Mistral 3 has no image-block mask): knocking out later keys changes nothing;
+        # the language model is causal (no image-block mask): knocking out later keys changes nothing;
         # hooked runs take TransformerLens's own attention, so "nothing" is up to float noise (~1e-6)
         future = model.run_with_hooks(one, fwd_hooks=knockout_hooks([first], grid[1:].flatten(), "all", n_layers=2))
-        vision_knock = model.run_with_hooks(one, fwd_hooks=knockout_hooks(list(range(48)), [0], [0], tower="vision"))
+        n_patches = int(one.extras["image_sizes"][0].prod()) // model.vlm_cfg.vision.patch_size**2
+        vision_knock = model.run_with_hooks(one, fwd_hooks=knockout_hooks(list(range(n_patches)), [0], [0],
+                                                                          tower="vision"))
     ablated_rows = (embeds["hook_embed"][0] == 0).all(-1).nonzero().flatten()
     assert ablated_rows.tolist() == grid[1:].flatten().tolist()  # the breaks keep their own embeddings
     second_row = int(grid[1, 0])

@@ -3,8 +3,9 @@
 ``FastAttention`` / ``FastGroupedQueryAttention`` are TransformerLens's ``Attention`` /
 ``GroupedQueryAttention`` with three changes, none visible to hooks:
 
-* Q, K and V are projected head by head straight from the stored ``[head, d_model, d_head]``
-  weights (one batched GEMM, no weight copy); ``W_O`` is read as a ``[head * d_head, d_model]`` view.
+* Q, K and V are projected without copying a weight: with one GEMM, as Hugging Face's ``q_proj``, where the
+  ``[head, d_model, d_head]`` weight is a view of HF's ``[head * d_head, d_model]`` storage (the loaders
+  keep it), else head by head; ``W_O`` is read as a ``[head * d_head, d_model]`` view.
 * While no hook is attached to ``hook_attn_scores`` or ``hook_pattern`` (the only two hook points the
   fused kernel never materialises), attention runs in ``F.scaled_dot_product_attention``. Attach one
   (``run_with_hooks``, ``run_with_cache``, a backward hook) and that layer computes the scores and the
@@ -61,16 +62,33 @@ def supports_fast_path(cfg) -> bool:
 
 def project_heads(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``[batch, pos, d_model] x [head, d_model, d_head] -> [batch, pos, head, d_head]`` without copying
-    the weight: one GEMM per head over a broadcast (stride-0) input. The result is a permuted view of a
-    ``[head, batch, pos, d_head]`` buffer, which is the layout the fused kernel reads."""
+    the weight.
+
+    Weights kept in Hugging Face's layout (``[head * d_head, d_model]`` storage, which the loaders keep)
+    are one ``[d_model, head * d_head]`` matrix: one GEMM, as HF's ``q_proj`` does. Otherwise one GEMM per
+    head over a broadcast (stride-0) input, whose result is a permuted view of a ``[head, batch, pos,
+    d_head]`` buffer."""
     batch, pos, d_model = x.shape
     n_heads, _, d_head = weight.shape
     if weight.device != x.device:
         weight, bias = weight.to(x.device), bias.to(x.device)
+    matrix, bias = _heads_as_matrix(weight), nonzero_bias(bias)
+    if matrix is not None:
+        flat = x.reshape(batch * pos, d_model)
+        out = torch.mm(flat, matrix) if bias is None else torch.addmm(bias.reshape(-1), flat, matrix)
+        return out.view(batch, pos, n_heads, d_head)
     flat = x.reshape(1, batch * pos, d_model).expand(n_heads, -1, -1)
-    bias = nonzero_bias(bias)
     out = torch.bmm(flat, weight) if bias is None else torch.baddbmm(bias[:, None, :], flat, weight)
     return out.view(n_heads, batch, pos, d_head).permute(1, 2, 0, 3)
+
+
+def _heads_as_matrix(weight: torch.Tensor) -> torch.Tensor | None:
+    """``[head, d_model, d_head]`` as a ``[d_model, head * d_head]`` view, or None where its strides allow
+    none (TransformerLens's own contiguous layout: a GEMM per head then reads it in place instead)."""
+    try:
+        return weight.permute(1, 0, 2).view(weight.shape[1], -1)
+    except RuntimeError:
+        return None
 
 
 def _version(t: torch.Tensor) -> int | None:

@@ -1,4 +1,4 @@
-"""LLaVA-1.5 weights: a CLIP or SigLIP tower, the two-layer projector and a Llama-family LM."""
+"""LLaVA-1.5 weights: a CLIP, SigLIP or Pixtral tower, the two-layer projector and a Llama-family LM."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from transformer_lens.config import HookedTransformerConfig
 from vlm_lens.architectures.checks import require_exact_keys, require_known_prefixes
 from vlm_lens.architectures.language import convert_language_model
 from vlm_lens.architectures.llava.config import LlavaConfig
+from vlm_lens.architectures.pixtral.convert import convert_pixtral_vision
 from vlm_lens.vision.convert import convert_clip_vision, convert_siglip_vision
 
-VISION_CONVERTERS = {"clip": convert_clip_vision, "siglip": convert_siglip_vision}
+VISION_CONVERTERS = {"clip": convert_clip_vision, "siglip": convert_siglip_vision, "pixtral": convert_pixtral_vision}
 TOP_LEVEL = ("model.language_model.", "model.vision_tower.", "model.multi_modal_projector.", "lm_head.")
 
 

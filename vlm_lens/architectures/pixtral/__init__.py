@@ -2,13 +2,15 @@
 attention within each image), a projector with RMSNorm and a 2x2 patch merger, and a Mistral language model;
 ``[IMG_BREAK]`` closes each row of image tokens and ``[IMG_END]`` the image.
 
-``LlavaForConditionalGeneration`` checkpoints with a Pixtral tower (Pixtral-12B) are not supported: that name
-belongs to the ``llava`` family.
+``LlavaForConditionalGeneration`` checkpoints with a Pixtral tower (Pixtral-12B) belong to the ``llava``
+family, which owns that class name: it reuses this tower, its converter, ``PixtralPipeline`` and the processor
+shim, with no patch merger and LLaVA's projector.
 
-- ``config``: ``PixtralVisionConfig``, ``Mistral3Config`` and reading them
+- ``config``: ``PixtralVisionConfig``, ``PixtralVLMConfig`` (what the tower and pipeline read),
+  ``Mistral3Config`` and reading them
 - ``convert``: weights (LM through TransformerLens's Mistral converter; tower and projector here)
-- ``vision``, ``projector``: the hooked tower and the projector with the patch merger
-- ``pipeline``: ``Mistral3Pipeline`` and the layout with breaks and end tokens
+- ``vision``, ``projector``: the hooked tower and Mistral 3's projector with the patch merger
+- ``pipeline``: ``PixtralPipeline`` (pixels, tower, the layout with breaks and end tokens) and ``Mistral3Pipeline``
 - ``processor``: ``PixtralImagesProcessor``, the processor shim (transformers' needs torchvision)
 - ``testing``: tiny seeded checkpoints saved as on the hub
 """

@@ -1,5 +1,5 @@
-"""Mistral 3's settings (Pixtral tower, patch merger, projector) and how to read them from an HF
-``Mistral3Config``."""
+"""The Pixtral tower's settings, what every model on it shares (``PixtralVLMConfig``), Mistral 3's own (patch
+merger, projector) and how to read them from an HF ``Mistral3Config``."""
 
 from __future__ import annotations
 
@@ -35,21 +35,18 @@ class PixtralVisionConfig(VisionConfig):
 
 
 @dataclass(frozen=True)
-class Mistral3Config(VLMConfig):
-    """The patch merger and projector of Mistral 3, and the tokens that close each row and each image."""
+class PixtralVLMConfig(VLMConfig):
+    """A model whose images go through the Pixtral tower, one image token per ``spatial_merge_size``-sided block of
+    patches, each row of tokens closed by ``[IMG_BREAK]`` and the image by ``[IMG_END]``: what the tower
+    (``vision``) and the pipeline (``pipeline``) read. Mistral 3 merges 2x2 patches; LLaVA with a Pixtral tower
+    (``vlm_lens.architectures.llava``) has no merger (1)."""
 
-    spatial_merge_size: int  # side of the patch block the merger turns into one token
-    projector_act: str
-    projector_bias: bool
-    projector_eps: float  # the projector's RMSNorm (transformers takes the text model's rms_norm_eps)
+    spatial_merge_size: int  # side of the patch block that makes one image token
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.vision, PixtralVisionConfig):
             raise ValueError(f"{self.architecture} needs a PixtralVisionConfig, got {type(self.vision).__name__}.")
-        if len(self.feature_layers) != 1:
-            raise ValueError(f"vision_feature_layer selects {len(self.feature_layers)} layers; Mistral 3's projector "
-                             "normalises and merges one layer's features (transformers' too). Give one int.")
         if self.spatial_merge_size <= 0:
             raise ValueError(f"spatial_merge_size={self.spatial_merge_size} must be positive.")
 
@@ -57,6 +54,21 @@ class Mistral3Config(VLMConfig):
     def token_size(self) -> int:
         """Side of one image token in processed pixels: ``patch_size * spatial_merge_size``."""
         return self.vision.patch_size * self.spatial_merge_size
+
+
+@dataclass(frozen=True)
+class Mistral3Config(PixtralVLMConfig):
+    """The patch merger and projector of Mistral 3."""
+
+    projector_act: str
+    projector_bias: bool
+    projector_eps: float  # the projector's RMSNorm (transformers takes the text model's rms_norm_eps)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.feature_layers) != 1:
+            raise ValueError(f"vision_feature_layer selects {len(self.feature_layers)} layers; Mistral 3's projector "
+                             "normalises and merges one layer's features (transformers' too). Give one int.")
 
 
 def _int_setting(value: Any, name: str) -> int:

@@ -1,5 +1,5 @@
 """Mistral 3 weights: the language model through TransformerLens's Mistral (or Llama) converter; the Pixtral
-tower and the projector converted here."""
+tower (also LLaVA's, for Pixtral-12B) and the projector converted here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformer_lens.config import HookedTransformerConfig
 
 from vlm_lens.architectures.checks import require_exact_keys, require_known_prefixes
 from vlm_lens.architectures.language import convert_language_model
-from vlm_lens.architectures.pixtral.config import Mistral3Config
+from vlm_lens.architectures.pixtral.config import Mistral3Config, PixtralVLMConfig
 
 TOP_LEVEL = ("model.language_model.", "model.vision_tower.", "model.multi_modal_projector.", "lm_head.")
 
@@ -26,7 +26,7 @@ def _pixtral_params(n_layers: int) -> set[str]:
     return keys
 
 
-def convert_pixtral_vision(tower: torch.nn.Module, cfg: Mistral3Config) -> dict[str, torch.Tensor]:
+def convert_pixtral_vision(tower: torch.nn.Module, cfg: PixtralVLMConfig) -> dict[str, torch.Tensor]:
     """``vision.*`` weights from an HF ``PixtralVisionModel``; blocks after the feature layer are left out on
     purpose (never computed), every other weight is consumed. Bias-free projections get TL's zero biases."""
     sd = dict(tower.named_parameters())

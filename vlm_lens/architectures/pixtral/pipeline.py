@@ -1,10 +1,12 @@
-"""Mistral 3's image pipeline: images of any size, one merged-token grid each, rows closed by ``[IMG_BREAK]``.
+"""The Pixtral image pipeline: images of any size, one merged-token grid each, rows closed by ``[IMG_BREAK]``.
+``PixtralPipeline`` is shared by Mistral 3 (``Mistral3Pipeline``: 2x2 patch merger and its projector) and LLaVA
+with a Pixtral tower (``vlm_lens.architectures.llava``: no merger, LLaVA's projector).
 
 Every image arrives padded in ``pixel_values`` [n_images, 3, H, W] with its processed (height, width) in
 ``image_sizes`` (multiples of ``patch_size * spatial_merge_size``); it takes ``rows * cols`` image tokens,
 written row by row as ``[IMG]`` * cols followed by ``[IMG_BREAK]``, the last break replaced by ``[IMG_END]``.
 
-- ``encode``: Pixtral tower -> ``hook_image_features`` -> projector (norm, patch merger, MLP) ->
+- ``encode``: Pixtral tower -> ``hook_image_features`` -> projector (Mistral 3: norm, patch merger, MLP) ->
   ``hook_image_embeds`` [total_image_tokens, d_model] in sequence order.
 - ``layout``: per image (``PixtralLayout``) its ``grid`` [rows, cols] of ``[IMG]`` positions, the ``[IMG_BREAK]``
   positions between the rows as ``newlines`` (text tokens inside the image's span, listed in ``text``: no
@@ -61,14 +63,11 @@ def token_boxes(shape: tuple[int, int], processed: tuple[int, int], original: tu
     return torch.stack([r * dy, c * dx, (r + 1) * dy, (c + 1) * dx], dim=1)
 
 
-class Mistral3Pipeline(ImagePipeline):
-    """Pixtral tower, Mistral 3's projector with the patch merger, ``[IMG_BREAK]``/``[IMG_END]`` in the layout."""
+class PixtralPipeline(ImagePipeline):
+    """The Pixtral tower's images for any ``PixtralVLMConfig``: checking pixels and sizes, the tower, the layout
+    with ``[IMG_BREAK]``/``[IMG_END]``. A subclass's ``build`` adds the projector."""
 
     extra_keys: tuple[str, ...] = ("image_sizes",)
-
-    def build(self, model: HookedVLM) -> None:
-        model.vision = HookedPixtralVision(model.vlm_cfg, dtype=model.cfg.dtype)
-        model.projector = Mistral3Projector(model.vlm_cfg, model.cfg.d_model, model.vision.cfg)
 
     def plan(self, model: HookedVLM, pixel_values: torch.Tensor, extras: dict[str, Any]) -> ImagePlan:
         sizes, cfg = image_sizes_of(extras), model.vlm_cfg
@@ -113,6 +112,14 @@ class Mistral3Pipeline(ImagePipeline):
         if k != len(grids):
             raise ValueError(f"image_sizes describes {len(grids)} images but the tokens hold {k}.")
         return ImageLayout(tuple(spans))
+
+
+class Mistral3Pipeline(PixtralPipeline):
+    """Pixtral tower, Mistral 3's projector with the patch merger."""
+
+    def build(self, model: HookedVLM) -> None:
+        model.vision = HookedPixtralVision(model.vlm_cfg, dtype=model.cfg.dtype)
+        model.projector = Mistral3Projector(model.vlm_cfg, model.cfg.d_model, model.vision.cfg)
 
 
 def _span(batch: int, k: int, chunk: torch.Tensor, shape: tuple[int, int], length: int, size: torch.Tensor,

@@ -76,19 +76,19 @@ def make_hf(config: Mistral3Config | None = None, seed: int = 0) -> Mistral3ForC
     return randomise_constants(Mistral3ForConditionalGeneration(config or tiny_mistral3_config()))
 
 
-def make_processor(config: Mistral3Config | None = None) -> PixtralImagesProcessor:
-    """The processor for ``config``'s patch size, merge size and longest edge (default: the tiny config's)."""
+def make_processor(config: Any = None) -> PixtralImagesProcessor:
+    """The processor for an HF config's patch size, merge size and longest edge (default: the tiny Mistral 3's); a
+    ``LlavaConfig`` with a Pixtral tower has no ``spatial_merge_size``: one token per patch."""
     config = config or tiny_mistral3_config()
     patch, longest = config.vision_config.patch_size, config.vision_config.image_size
     image_processor = PixtralImageProcessorPil(patch_size={"height": patch, "width": patch},
                                                size={"longest_edge": longest})
     return PixtralImagesProcessor(image_processor, make_tokenizer(), patch_size=patch,
-                                  spatial_merge_size=config.spatial_merge_size)
+                                  spatial_merge_size=getattr(config, "spatial_merge_size", 1))
 
 
-def save_mistral3(tmp_path: Path, config: Mistral3Config | None = None, seed: int = 0):
-    """Save a seeded HF model and its processor as on the hub; returns (path, hf_model)."""
-    model = make_hf(config, seed)
+def save_with_processor(tmp_path: Path, model: Any) -> tuple[Path, Any]:
+    """Save an HF model on a Pixtral tower and its processor as on the hub; returns (path, model)."""
     model.save_pretrained(tmp_path)
     make_processor(model.config).save_pretrained(tmp_path)
     # as on the hub (Mistral-Small-3.1, Pixtral-12B): the image processor in its own preprocessor_config.json
@@ -99,6 +99,11 @@ def save_mistral3(tmp_path: Path, config: Mistral3Config | None = None, seed: in
         {**image_settings, "image_processor_type": "PixtralImageProcessor", "processor_class": "PixtralProcessor"}))
     processor_file.write_text(json.dumps({**settings, "processor_class": "PixtralProcessor"}))
     return tmp_path, model
+
+
+def save_mistral3(tmp_path: Path, config: Mistral3Config | None = None, seed: int = 0):
+    """Save a seeded HF model and its processor as on the hub; returns (path, hf_model)."""
+    return save_with_processor(tmp_path, make_hf(config, seed))
 
 
 image = seeded_image

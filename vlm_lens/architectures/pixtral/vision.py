@@ -11,9 +11,10 @@ Layout of the activations, so TransformerLens tools read them as usual:
 - ``vision.*`` activations are [n_images, max_patches, ...], each image's patches in **raster order**
   (``pos = row * cols + col`` over its own patch grid), zero-padded at the end to the largest image.
 - ``vision.blocks.{l}.attn.hook_pattern`` is [n_images, heads, max_patches, max_patches]: zero for padding.
-- ``hook_image_features`` / ``projector.hook_in``: [total_image_tokens, merge**2 * d_vision], one row per
+- ``hook_image_features`` / ``projector.hook_in``: [total_image_tokens, merge**2 * d_features], one row per
   language-model token in sequence order: the merged block's patches' features, row-major within the block
-  (the merger's weight is reordered to match when converted).
+  (Mistral 3's merger weight is reordered to match when converted). ``d_features`` is ``d_vision`` per feature
+  layer: LLaVA may read several, side by side in the order of ``vision_feature_layer``, as transformers does.
 
 Reused from TransformerLens: ``TransformerBlock``, ``Attention`` (through ``MaskedRotaryAttention``),
 ``RMSNorm``, ``GatedMLP``. Pixtral's projections have no biases: TransformerLens's ``b_Q``, ``b_K``, ``b_V``,
@@ -34,7 +35,7 @@ from transformer_lens.config import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
 
 from vlm_lens._tl.components import MaskedRotaryAttention
-from vlm_lens.architectures.pixtral.config import Mistral3Config, PixtralVisionConfig
+from vlm_lens.architectures.pixtral.config import PixtralVisionConfig, PixtralVLMConfig
 from vlm_lens.context import Scoped
 from vlm_lens.rotary import rotate_half
 
@@ -90,7 +91,8 @@ def axial_angles(rows: torch.Tensor, cols: torch.Tensor, d_head: int, base: floa
 
 
 class HookedPixtralVision(nn.Module):
-    """Patch embedding, ``ln_pre`` and the blocks up to the feature layer; returns the merger's input.
+    """Patch embedding, ``ln_pre`` and the blocks up to the deepest feature layer; returns the projector's input:
+    the feature layers' hidden states side by side (one layer for Mistral 3), a block of patches per row.
 
     Example:
         >>> from vlm_lens import HookedVLM
@@ -100,7 +102,7 @@ class HookedPixtralVision(nn.Module):
         torch.Size([12, 64])
     """
 
-    def __init__(self, cfg: Mistral3Config, dtype: torch.dtype = torch.float32):
+    def __init__(self, cfg: PixtralVLMConfig, dtype: torch.dtype = torch.float32):
         super().__init__()
         vcfg: PixtralVisionConfig = cfg.vision
         self.vision_cfg, self.vlm_cfg = vcfg, cfg
@@ -125,9 +127,12 @@ class HookedPixtralVision(nn.Module):
         images = [patches[i, :, :h, :w].flatten(1).T for i, (h, w) in enumerate(grids)]
         x = self.hook_patch_embed(nn.utils.rnn.pad_sequence(images, batch_first=True))
         x = self.ln_pre(x)
+        layers = self.vlm_cfg.feature_layers
+        kept = {0: x}  # hidden-state index -> value: 0 is the blocks' input, k the output of block k - 1
         with VISION_CALL.bind(self._call_context(grids, x.shape[1], x.device)):
-            for block in self.blocks:
-                x = block(x)
+            for i, block in enumerate(self.blocks):
+                x = kept[i + 1] = block(x)
+        x = torch.cat([kept[layer] for layer in layers], dim=-1)
         return torch.cat([einops.rearrange(x[i, :h * w], "(R m1 C m2) d -> (R C) (m1 m2 d)", R=h // m, m1=m, m2=m)
                           for i, (h, w) in enumerate(grids)])
 
