@@ -1,9 +1,7 @@
 """The `vlm-lens demo` report: files, content, and a real browser opening it.
 
-The report on the scenes organism is built from an untrained model of its architecture (every code path,
-none of the skill), so these tests run before the organism is trained; the trained organism's report is
-tested when its weights are in the package. ``VLM_LENS_SCREENSHOT_DIR=docs`` makes the browser test write
-its full-page, 1400-px-wide screenshot to ``docs/demo_report.png`` (the picture in the README).
+The report on the shipped scenes organism is the one the browser opens. ``VLM_LENS_SCREENSHOT_DIR=docs`` makes
+the browser test write its full-page, 1400-px-wide screenshot to ``docs/demo_report.png`` (the picture in the README).
 """
 
 import html
@@ -17,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.organism.test_scenes_studies import save_untrained_scenes
 from vlm_lens import organism
 from vlm_lens.cli import main
 
@@ -48,15 +45,12 @@ def tiny_report(llava_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scenes_report(tmp_path_factory):
-    """The report on the scenes organism's items, through an untrained model of its architecture."""
-    folder = save_untrained_scenes(tmp_path_factory.mktemp("scenes_untrained"))
+    """The report on the shipped scenes organism."""
     out = tmp_path_factory.mktemp("scenes_report")
     assert (
         main(
             [
                 "demo",
-                "--model",
-                str(folder),
                 "--organism",
                 "scenes",
                 "--out",
@@ -108,8 +102,9 @@ def test_scenes_report_runs_the_seed_studies(scenes_report):
 
 
 def test_demo_on_the_default_organism(tmp_path):
-    """The README's main job: the richest shipped organism (shapes until the scenes weights ship)."""
+    """The README's main job: the richest shipped organism, scenes."""
     name = organism.available()[-1]
+    assert name == "scenes"
     assert main(["demo", "--out", str(tmp_path), "--n-eval", "21"]) == 0
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["organism"] == name and summary["answer"] == summary["expected"]
