@@ -59,4 +59,5 @@ def test_weights_ship_in_the_wheel(tmp_path):
     wheel = next(tmp_path.glob("vlm_lens-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "chat_template.jinja"):
-        assert f"vlm_lens/organism/weights/{f}" in names
+        for folder in ("weights", "weights_scenes"):  # both shipped organisms
+            assert f"vlm_lens/organism/{folder}/{f}" in names
