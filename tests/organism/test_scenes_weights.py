@@ -64,28 +64,18 @@ def test_hooked_logits_equal_hf_on_a_padded_batch(hf, model, items):
     batch = items[:6]  # the prompts differ in length, so the batch is padded
     inputs = model.prepare([it.prompt for it in batch], images=[[it.image] for it in batch])
     assert not bool(inputs.attention_mask.all())
-    # organism.load folds and centres the weights (logits shift by a constant per position): compare log-probs
-    got = model(inputs).log_softmax(-1)
-    expected = hf_model(
+    hf_logits = hf_model(
         input_ids=inputs.tokens,
         pixel_values=inputs.pixel_values,
         attention_mask=inputs.attention_mask,
         position_ids=(inputs.attention_mask.cumsum(-1) - 1).clamp(min=0),
-    ).logits.log_softmax(-1)
+    ).logits
     real = inputs.attention_mask.bool()
-    torch.testing.assert_close(got[real], expected[real], atol=1e-4, rtol=0)
+    # organism.load folds and centres the weights (logits shift by a constant per position): compare log-probs
+    got = model(inputs).log_softmax(-1)
+    torch.testing.assert_close(got[real], hf_logits.log_softmax(-1)[real], atol=1e-4, rtol=0)
     raw = HookedVLM.from_pretrained_no_processing(str(organism.path("scenes")))
-    torch.testing.assert_close(
-        raw(inputs)[real],
-        hf_model(
-            input_ids=inputs.tokens,
-            pixel_values=inputs.pixel_values,
-            attention_mask=inputs.attention_mask,
-            position_ids=(inputs.attention_mask.cumsum(-1) - 1).clamp(min=0),
-        ).logits[real],
-        atol=1e-4,
-        rtol=0,
-    )
+    torch.testing.assert_close(raw(inputs)[real], hf_logits[real], atol=1e-4, rtol=0)
 
 
 # The shipped weights answer `relative` at chance (see vlm_lens/organism/README.md): the 95 % floor
