@@ -60,7 +60,7 @@ def test_vision_loss_asks_shape_only_of_object_patches():
     assert bool((tokens.grad[on_object].abs().sum(-1) > 0).all())
 
 
-def test_relation_cells_name_both_objects_of_a_relative_question():
+def test_relation_labels_describe_the_two_objects_and_the_asked_relation():
     from vlm_lens.organism import scenes
 
     processor = build.build_processor(scenes)
@@ -68,14 +68,40 @@ def test_relation_cells_name_both_objects_of_a_relative_question():
     pool = train.make_pool(processor, 4, 0, 1, start=0, source=scenes, oversample="relative:0.5")
     for row, index in enumerate(indices):
         _, objects, text, _ = train.conversation("train", 0, index, 1, scenes)
-        cells = pool["relation"][row].tolist()
+        cells = pool["relation_cells"][row].tolist()
+        comparisons = pool["relation_comparisons"][row].tolist()
+        asked = pool["relation_asked"][row].tolist()
         if row < 2:  # relative: "is the <colour> <shape> <relation> the <shape> ?"
             words = text.split("\n")[0].split()
             a = next(o for o in objects if (o.colour, o.shape) == (words[3], words[4]))
             b = next(o for o in objects if o.shape == words[-2])
             assert cells == [a.cell[0] * 3 + a.cell[1], b.cell[0] * 3 + b.cell[1]]
+            (ra, ca), (rb, cb) = a.cell, b.cell
+            assert comparisons == [ca < cb, ca > cb, ra < rb, ra > rb]
+            relation = " ".join(words[5:-3])
+            assert asked == [scenes.RELATIONS.index(relation)]
+            # the answer the organism must give follows from the comparisons and the asked relation
+            assert text.split("ASSISTANT: ")[1].startswith("yes" if comparisons[asked[0]] else "no")
         else:
-            assert cells == [-100, -100]
+            assert cells == [-100, -100] and comparisons == [-100] * 4 and asked == [-100]
         end = int(pool["prompt_end"][row])
         tokens = processor.tokenizer.convert_ids_to_tokens(pool["input_ids"][row, end - 1 : end + 1].tolist())
         assert tokens == ["assistant", ":"]
+
+
+@pytest.mark.parametrize("target,shape", [("cells", (2, 9)), ("comparisons", (4, 2)), ("asked", (1, 4))])
+def test_relation_head_has_one_output_per_label_and_class(target, shape):
+    from vlm_lens.organism import scenes
+
+    heads = train.PatchHeads(16, scenes, relation=target)
+    assert heads.relation_shape == shape
+    assert heads.relation.out_features == shape[0] * shape[1]
+
+
+def test_relation_layer_out_of_range_is_refused(capsys):
+    argv = ["--organism", "scenes", "--out", "unused", "--relation-weight", "1", "--relation-layer"]
+    assert train.parse_args(argv + ["7"]).relation_layer == 7
+    assert train.parse_args(argv[:-1]).relation_layer == 3  # the middle of 8 layers
+    with pytest.raises(SystemExit):
+        train.parse_args(argv + ["8"])
+    assert "--relation-layer 8: the language model has layers 0..7" in capsys.readouterr().err

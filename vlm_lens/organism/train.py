@@ -17,7 +17,9 @@ predict each patch's object colour, object shape (or background) and grid cell. 
 they keep object information local to the object's patch, which is what the ablation check in
 ``sanity.py`` relies on. With ``--target-weight`` (the scenes default) another throwaway head on the
 language model's middle layer predicts, at each image token, whether the patch belongs to the objects the
-answer needs.
+answer needs. With ``--relation-weight`` a head on ``--relation-layer`` predicts, at the last prompt position of
+a ``relative`` question, ``--relation-target``: the two objects' cells, the four comparisons of their
+columns and rows, or which relation the question asks.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
 from vlm_lens.organism import build, data, sanity
+
+# What the relation head can predict (see ``relation_labels``): number of labels, classes per label.
+RELATION_TARGETS = {"cells": None, "comparisons": (4, 2), "asked": (1, 4)}
 
 # Per organism: the defaults the shipped weights were trained with (any flag overrides them).
 DEFAULTS = {
@@ -82,7 +87,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="weight of the auxiliary loss that asks a linear head on the language model's residual stream at "
-        "its middle layer, at the last prompt position of a relative question, for the cells of both objects",
+        "--relation-layer, at the last prompt position of a relative question, for --relation-target",
+    )
+    p.add_argument(
+        "--relation-target",
+        choices=RELATION_TARGETS,
+        default="cells",
+        help="what the relation head predicts: 'cells' (the 3 x 3 cells of both objects), 'comparisons' (the "
+        "four yes/no comparisons of their columns and rows: A left of B, right of, above, below) or 'asked' "
+        "(which of the four relations the question asks)",
+    )
+    p.add_argument(
+        "--relation-layer",
+        type=int,
+        default=None,
+        help="the language model layer whose output the relation head reads (default: the middle layer, "
+        "text_layers // 2 - 1)",
     )
     p.add_argument("--turns", type=int, default=1, help="questions per training image (a multi-turn chat)")
     p.add_argument(
@@ -123,20 +143,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in DEFAULTS[args.organism].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.relation_layer is None:
+        args.relation_layer = args.text_layers // 2 - 1
+    if not 0 <= args.relation_layer < args.text_layers:
+        p.error(f"--relation-layer {args.relation_layer}: the language model has layers 0..{args.text_layers - 1}")
     return args
 
 
 class PatchHeads(torch.nn.Module):
-    """Throwaway linear probes on the projector output, and one on the language model's middle layer
-    (training only)."""
+    """Throwaway linear probes on the projector output, one on the language model's middle layer (image
+    tokens) and one on ``--relation-layer`` (the last prompt position of a relative question); training
+    only."""
 
-    def __init__(self, width: int, source=data, target: bool = False, relation: bool = False):
+    def __init__(self, width: int, source=data, target: bool = False, relation: str | None = None):
         super().__init__()
         self.colour = torch.nn.Linear(width, 1 + len(source.COLOURS))
         self.shape = torch.nn.Linear(width, 1 + len(source.SHAPES))
         self.cell = torch.nn.Linear(width, source.CELLS * source.CELLS)
         self.target = torch.nn.Linear(width, 2) if target else None
-        self.relation = torch.nn.Linear(width, 2 * source.CELLS * source.CELLS) if relation else None
+        self.relation_shape = relation_shape(relation, source) if relation else None
+        self.relation = torch.nn.Linear(width, math.prod(self.relation_shape)) if relation else None
 
     def loss(self, tokens: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         return sum(
@@ -223,23 +249,39 @@ def make_pool(
     }
     pool.update(build.patch_labels([chat[1] for chat in chats], source, [chat[3] for chat in chats]))
     pool["prompt_end"] = after_prompt.long().argmax(1) - 1  # the first question's last prompt position
-    pool["relation"] = torch.tensor([relation_cells(text, objects, source) for _, objects, text, _ in chats])
+    labels = [relation_labels(text, objects, source) for _, objects, text, _ in chats]
+    for target in RELATION_TARGETS:
+        pool[f"relation_{target}"] = torch.tensor([label[target] for label in labels])
     return pool
 
 
-_RELATIVE = re.compile(r"^USER: is the (\w+) (\w+) (?:left of|right of|above|below) the (\w+) \?")
+_RELATIONS = ("left of", "right of", "above", "below")
+_RELATIVE = re.compile(r"^USER: is the (\w+) (\w+) (left of|right of|above|below) the (\w+) \?")
 
 
-def relation_cells(text: str, objects, source=data) -> tuple[int, int]:
-    """The 3 x 3 cells (``row * CELLS + col``) of the two objects of a first question that is ``relative``;
-    (-100, -100) for any other first question."""
+def relation_shape(target: str, source=data) -> tuple[int, int]:
+    """(labels, classes per label) of the relation head for ``target``."""
+    return RELATION_TARGETS[target] or (2, source.CELLS * source.CELLS)
+
+
+def relation_labels(text: str, objects, source=data) -> dict[str, tuple[int, ...]]:
+    """The relation head's labels for a chat whose first question is ``relative`` ("is the <colour> <shape>
+    <relation> the <shape> ?", objects A and B), per target: ``cells`` the two objects' cells
+    (``row * CELLS + col``), ``comparisons`` whether A's column is less / greater than B's and A's row less /
+    greater than B's (left of, right of, above, below), ``asked`` the index of the relation in (left of,
+    right of, above, below). -100 (ignored) everywhere for any other first question."""
     match = _RELATIVE.match(text)
     if match is None:
-        return -100, -100
-    colour, shape, other = match.groups()
+        return {t: (-100,) * relation_shape(t, source)[0] for t in RELATION_TARGETS}
+    colour, shape, relation, other = match.groups()
     a = next(o for o in objects if o.colour == colour and o.shape == shape)
     b = next(o for o in objects if o.shape == other)
-    return tuple(int(o.cell[0] * source.CELLS + o.cell[1]) for o in (a, b))
+    (ra, ca), (rb, cb) = a.cell, b.cell
+    return {
+        "cells": tuple(int(r * source.CELLS + c) for r, c in (a.cell, b.cell)),
+        "comparisons": (int(ca < cb), int(ca > cb), int(ra < rb), int(ra > rb)),
+        "asked": (_RELATIONS.index(relation),),
+    }
 
 
 def oversampled_indices(start: int, size: int, oversample: str | None, source=data) -> list[int]:
@@ -308,7 +350,10 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
     if args.init:
         model = LlavaForConditionalGeneration.from_pretrained(args.init)
     heads = PatchHeads(
-        args.text_width, source, target=args.target_weight > 0, relation=args.relation_weight > 0
+        args.text_width,
+        source,
+        target=args.target_weight > 0,
+        relation=args.relation_target if args.relation_weight > 0 else None,
     )
     n_params = sum(p.numel() for p in model.parameters())
     tqdm.write(f"model parameters: {n_params / 1e6:.2f} M")
@@ -332,6 +377,9 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
     middle = model.model.language_model.layers[args.text_layers // 2 - 1]
     middle.register_forward_hook(
         lambda m, i, o: captured.__setitem__("mid", o[0] if isinstance(o, tuple) else o)
+    )
+    model.model.language_model.layers[args.relation_layer].register_forward_hook(
+        lambda m, i, o: captured.__setitem__("relation", o[0] if isinstance(o, tuple) else o)
     )
     val_items = list(data.ShapesDataset("test", args.seed + 1, args.eval_size, organism=args.organism))
     rng = np.random.default_rng(args.seed)
@@ -370,11 +418,12 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
             loss = loss + args.target_weight * target_loss
         if heads.relation is not None:
             rows = torch.arange(len(batch["prompt_end"]))
-            guess = heads.relation(captured["mid"][rows, batch["prompt_end"]]).unflatten(-1, (2, -1))
+            guess = heads.relation(captured["relation"][rows, batch["prompt_end"]])
+            relation = batch[f"relation_{args.relation_target}"]
             relation_loss = F.cross_entropy(
-                guess.flatten(0, 1), batch["relation"].flatten(), ignore_index=-100
+                guess.unflatten(-1, heads.relation_shape).flatten(0, 1), relation.flatten(), ignore_index=-100
             )
-            if bool((batch["relation"] >= 0).any()):
+            if bool((relation >= 0).any()):
                 loss = loss + args.relation_weight * relation_loss
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args) * group["scale"]
