@@ -1,5 +1,5 @@
 """The shipped ``scenes`` organism: LLaVA-1.5-shaped, small, equal to HF through HookedVLM, and at least 95 %
-right on held-out items of every question type it has learnt (the issue's floor; ``relative`` is not learnt)."""
+right on held-out items of every question type (the issue's floor)."""
 
 import pytest
 import torch
@@ -78,11 +78,6 @@ def test_hooked_logits_equal_hf_on_a_padded_batch(hf, model, items):
     torch.testing.assert_close(raw(inputs)[real], hf_logits[real], atol=1e-4, rtol=0)
 
 
-# The shipped weights answer `relative` at chance (see vlm_lens/organism/README.md): the issue's 95 % floor
-# holds for the other six types, and the relative test below is an expected failure until a recipe learns it.
-LEARNT_TYPES = tuple(t for t in scenes.QUESTION_TYPES if t != "relative")
-
-
 @pytest.fixture(scope="module")
 def accuracy(model, items):
     return sanity.accuracy_by_type(items, analysis.evaluate(model, items).correct.numpy())
@@ -90,13 +85,8 @@ def accuracy(model, items):
 
 def test_accuracy_per_question_type_through_hooked_vlm(accuracy):
     assert set(accuracy) >= set(scenes.QUESTION_TYPES)
-    low = {kind: accuracy[kind] for kind in LEARNT_TYPES if accuracy[kind] < PER_TYPE_FLOOR}
+    low = {kind: accuracy[kind] for kind in scenes.QUESTION_TYPES if accuracy[kind] < PER_TYPE_FLOOR}
     assert not low, f"below {PER_TYPE_FLOOR:.0%} on {low}"
-
-
-@pytest.mark.xfail(strict=True, reason="the shipped scenes organism has not learnt `relative` (README: at chance)")
-def test_relative_questions_reach_the_floor(accuracy):
-    assert accuracy["relative"] >= PER_TYPE_FLOOR
 
 
 @torch.no_grad()
