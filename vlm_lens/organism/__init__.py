@@ -5,7 +5,7 @@
 - ``"scenes"``: 96 px images on an 8 x 8 grid of 12 px patches, one to five objects that span and straddle
   patches on a noisy, cluttered background, for an 8-layer language model; seven question types including
   counting, relative position and a two-word description. Shipped (8.5 MB); held-out accuracy 98.6-100 %
-  on six of the seven types, while ``relative`` stays at chance (see README.md here).
+  on every type (see README.md here).
 
 ``available()`` lists the organisms whose weights ship:
 
