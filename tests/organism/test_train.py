@@ -2,14 +2,14 @@
 
 import pytest
 
-from vlm_lens.organism import ShapesDataset, build, train
+from vlm_lens.organism import ShapesDataset, batches, build, train
 
 
 def test_first_turn_is_the_dataset_prompt():
     data = ShapesDataset(split="train", seed=0, size=6)
     for index in range(6):
         item = data[index]
-        _, objects, text, _ = train.conversation("train", 0, index, turns=4)
+        _, objects, text, _ = batches.conversation("train", 0, index, turns=4)
         assert text.startswith(f"{item.prompt} {item.answer}</s>USER: ")
         assert [o.patch_mask.tolist() for o in objects] == [o.patch_mask.tolist() for o in item.objects]
 
@@ -17,7 +17,7 @@ def test_first_turn_is_the_dataset_prompt():
 def test_pool_labels_are_answers_and_end_of_turn():
     processor = build.build_processor()
     tok = processor.tokenizer
-    pool = train.make_pool(processor, size=3, seed=0, turns=4)
+    pool = batches.make_pool(processor, size=3, seed=0, turns=4)
     for row in range(3):
         ids, labels = pool["input_ids"][row], pool["labels"][row]
         supervised = [(int(ids[j]), int(labels[j])) for j in range(len(ids)) if labels[j] != -100]
@@ -30,15 +30,15 @@ def test_pool_labels_are_answers_and_end_of_turn():
 def test_oversampled_indices_give_fresh_images_of_the_asked_type():
     from vlm_lens.organism import scenes
 
-    plain = train.oversampled_indices(640, 10, None, scenes)
+    plain = batches.oversampled_indices(640, 10, None, scenes)
     assert plain == list(range(640, 650))
-    mixed = train.oversampled_indices(640, 10, "relative:0.4", scenes)
+    mixed = batches.oversampled_indices(640, 10, "relative:0.4", scenes)
     assert mixed[4:] == plain[4:] and len(set(mixed)) == 10
     assert [scenes.make_item("train", 0, i).question_type for i in mixed[:4]] == ["relative"] * 4
-    following = train.oversampled_indices(650, 10, "relative:0.4", scenes)
+    following = batches.oversampled_indices(650, 10, "relative:0.4", scenes)
     assert not set(following) & set(mixed)  # the next batch's images are new too
     with pytest.raises(ValueError, match="unknown question type 'size'"):
-        train.oversampled_indices(0, 4, "size:0.5", scenes)
+        batches.oversampled_indices(0, 4, "size:0.5", scenes)
 
 
 def test_vision_loss_asks_shape_only_of_object_patches():
@@ -64,10 +64,10 @@ def test_relation_labels_describe_the_two_objects_and_the_asked_relation():
     from vlm_lens.organism import scenes
 
     processor = build.build_processor(scenes)
-    indices = train.oversampled_indices(0, 4, "relative:0.5", scenes)
-    pool = train.make_pool(processor, 4, 0, 1, start=0, source=scenes, oversample="relative:0.5")
+    indices = batches.oversampled_indices(0, 4, "relative:0.5", scenes)
+    pool = batches.make_pool(processor, 4, 0, 1, start=0, source=scenes, oversample="relative:0.5")
     for row, index in enumerate(indices):
-        _, objects, text, _ = train.conversation("train", 0, index, 1, scenes)
+        _, objects, text, _ = batches.conversation("train", 0, index, 1, scenes)
         cells = pool["relation_cells"][row].tolist()
         comparisons = pool["relation_comparisons"][row].tolist()
         asked = pool["relation_asked"][row].tolist()

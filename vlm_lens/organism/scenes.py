@@ -139,7 +139,8 @@ def make_scene(
             return render(scene)
 
 
-def _holds(relation: str, a: ShapeObject, b: ShapeObject) -> bool:
+def holds(relation: str, a: ShapeObject, b: ShapeObject) -> bool:
+    """Whether ``a`` is ``relation`` (one of RELATIONS) ``b``, by cell."""
     (ra, ca), (rb, cb) = a.cell, b.cell
     return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[relation]
 
@@ -154,9 +155,9 @@ def _relative(rng: np.random.Generator, objects: tuple[ShapeObject, ...]):
     axis = ["left of", "right of"] if a.cell[1] != b.cell[1] else []
     axis += ["above", "below"] if a.cell[0] != b.cell[0] else []
     want = bool(rng.random() < 0.5)
-    candidates = [r for r in axis if _holds(r, a, b) == want] or axis
+    candidates = [r for r in axis if holds(r, a, b) == want] or axis
     relation = candidates[int(rng.integers(len(candidates)))]
-    answer = "yes" if _holds(relation, a, b) else "no"
+    answer = "yes" if holds(relation, a, b) else "no"
     return f"is the {a.colour} {a.shape} {relation} the {b.shape} ?", answer, (a, b)
 
 

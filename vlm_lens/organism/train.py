@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import time
 from pathlib import Path
 
@@ -37,10 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
-from vlm_lens.organism import build, data, sanity
-
-# What the relation head can predict (see ``relation_labels``): number of labels, classes per label.
-RELATION_TARGETS = {"cells": None, "comparisons": (4, 2), "asked": (1, 4)}
+from vlm_lens.organism import batches, build, data, sanity
 
 # Per organism: the defaults the shipped weights were trained with (any flag overrides them).
 DEFAULTS = {
@@ -91,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--relation-target",
-        choices=RELATION_TARGETS,
+        choices=batches.RELATION_TARGETS,
         default="cells",
         help="what the relation head predicts: 'cells' (the 3 x 3 cells of both objects), 'comparisons' (the "
         "four yes/no comparisons of their columns and rows: A left of B, right of, above, below) or 'asked' "
@@ -161,7 +157,7 @@ class PatchHeads(torch.nn.Module):
         self.shape = torch.nn.Linear(width, 1 + len(source.SHAPES))
         self.cell = torch.nn.Linear(width, source.CELLS * source.CELLS)
         self.target = torch.nn.Linear(width, 2) if target else None
-        self.relation_shape = relation_shape(relation, source) if relation else None
+        self.relation_shape = batches.relation_shape(relation, source) if relation else None
         self.relation = torch.nn.Linear(width, math.prod(self.relation_shape)) if relation else None
 
     def loss(self, tokens: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -193,116 +189,6 @@ def max_objects_at(step: int, args) -> int | None:
     return cap
 
 
-def conversation(split: str, seed: int, index: int, turns: int, source=data, max_objects: int | None = None):
-    """Image ``index`` with ``turns`` questions as one chat, and the first question's target mask; the first
-    turn is exactly the single-question prompt users send (``ShapesDataset`` item ``index``), so training
-    covers the evaluation format."""
-    cap = {} if max_objects is None else {"max_objects": max_objects}
-    image, objects = source.make_scene(split, seed, index, **cap)
-    questions = [source.make_question(objects, split, seed, index, t) for t in range(turns)]
-    qa = [q[:2] for q in questions]
-    text = data.prompt_for(qa[0][0])
-    for (_, answer), (question, _) in zip(qa, qa[1:]):  # noqa: B905
-        text += f" {answer}</s>USER: {question} ASSISTANT:"
-    text += f" {qa[-1][1]}</s>"
-    return image, objects, text, questions[0][3]
-
-
-def make_pool(
-    processor,
-    size: int,
-    seed: int,
-    turns: int,
-    start: int = 0,
-    source=data,
-    max_objects: int | None = None,
-    oversample: str | None = None,
-) -> dict[str, torch.Tensor]:
-    """Tokenised chats, pixel values, next-token labels (answers and the </s> after them; -100 elsewhere)
-    and per-patch labels for training images ``start`` to ``start + size - 1`` (with ``oversample``, some of
-    them replaced by images whose first question has the given type: ``oversampled_indices``)."""
-    tok = processor.tokenizer
-    indices = oversampled_indices(start, size, oversample, source)
-    chats = [
-        conversation("train", seed, i, turns, source, max_objects)
-        for i in (tqdm(indices, desc="data", leave=False) if size > 1000 else indices)
-    ]
-    n_image_tokens = source.GRID * source.GRID
-    texts = [text.replace("<image>", "<image>" * n_image_tokens) for _, _, text, _ in chats]
-    ids = tok(texts, return_tensors="pt", padding=True)
-    input_ids = ids["input_ids"]
-    # Answers run from the token right after "assistant :" to the </s> that ends them, inclusive.
-    after_prompt = torch.zeros_like(input_ids, dtype=torch.bool)
-    after_prompt[:, 2:] = (input_ids[:, :-2] == tok.convert_tokens_to_ids("assistant")) & (
-        input_ids[:, 1:-1] == tok.convert_tokens_to_ids(":")
-    )
-    starts, ends = after_prompt.long().cumsum(1), (input_ids == tok.eos_token_id).long().cumsum(1)
-    supervised = (starts > ends) | ((input_ids == tok.eos_token_id) & (starts == ends) & (starts > 0))
-    labels = torch.full_like(input_ids, -100)
-    labels[:, :-1] = torch.where(supervised[:, 1:], input_ids[:, 1:], -100)
-    pool = {
-        "input_ids": input_ids,
-        "attention_mask": ids["attention_mask"],
-        "labels": labels,
-        "pixel_values": build.pixel_values(processor, [chat[0] for chat in chats]),
-        "length": ids["attention_mask"].sum(1),
-    }
-    pool.update(build.patch_labels([chat[1] for chat in chats], source, [chat[3] for chat in chats]))
-    pool["prompt_end"] = after_prompt.long().argmax(1) - 1  # the first question's last prompt position
-    labels = [relation_labels(text, objects, source) for _, objects, text, _ in chats]
-    for target in RELATION_TARGETS:
-        pool[f"relation_{target}"] = torch.tensor([label[target] for label in labels])
-    return pool
-
-
-_RELATIONS = ("left of", "right of", "above", "below")
-_RELATIVE = re.compile(r"^USER: is the (\w+) (\w+) (left of|right of|above|below) the (\w+) \?")
-
-
-def relation_shape(target: str, source=data) -> tuple[int, int]:
-    """(labels, classes per label) of the relation head for ``target``."""
-    return RELATION_TARGETS[target] or (2, source.CELLS * source.CELLS)
-
-
-def relation_labels(text: str, objects, source=data) -> dict[str, tuple[int, ...]]:
-    """The relation head's labels for a chat whose first question is ``relative`` ("is the <colour> <shape>
-    <relation> the <shape> ?", objects A and B), per target: ``cells`` the two objects' cells
-    (``row * CELLS + col``), ``comparisons`` whether A's column is less / greater than B's and A's row less /
-    greater than B's (left of, right of, above, below), ``asked`` the index of the relation in (left of,
-    right of, above, below). -100 (ignored) everywhere for any other first question."""
-    match = _RELATIVE.match(text)
-    if match is None:
-        return {t: (-100,) * relation_shape(t, source)[0] for t in RELATION_TARGETS}
-    colour, shape, relation, other = match.groups()
-    a = next(o for o in objects if o.colour == colour and o.shape == shape)
-    b = next(o for o in objects if o.shape == other)
-    (ra, ca), (rb, cb) = a.cell, b.cell
-    return {
-        "cells": tuple(int(r * source.CELLS + c) for r, c in (a.cell, b.cell)),
-        "comparisons": (int(ca < cb), int(ca > cb), int(ra < rb), int(ra > rb)),
-        "asked": (_RELATIONS.index(relation),),
-    }
-
-
-def oversampled_indices(start: int, size: int, oversample: str | None, source=data) -> list[int]:
-    """Image indices ``start .. start + size - 1``; with ``oversample`` "TYPE:FRACTION", the first
-    ``round(FRACTION * size)`` of them are replaced by the indices ``n * len(QUESTION_TYPES) + k`` (``k``: the
-    type's position; the question type cycles with the image index, so the first question is of that type)
-    for ``n`` from ``10**8 + start`` on: images far from the ordinary indices, so no image repeats."""
-    indices = list(range(start, start + size))
-    if not oversample:
-        return indices
-    kind, fraction = oversample.split(":")
-    if kind not in source.QUESTION_TYPES:
-        raise ValueError(
-            f"--oversample: unknown question type {kind!r}; expected one of {source.QUESTION_TYPES}"
-        )
-    n_types, k = len(source.QUESTION_TYPES), source.QUESTION_TYPES.index(kind)
-    n = round(float(fraction) * size)
-    indices[:n] = [(10**8 + start + i) * n_types + k for i in range(n)]
-    return indices
-
-
 def lr_at(step: int, args) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -317,10 +203,10 @@ def vision_stage(model, heads, processor, source, vision: list, captured: dict, 
     params = vision + list(heads.colour.parameters()) + list(heads.shape.parameters())
     params += list(heads.cell.parameters())
     opt = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=args.weight_decay)
-    held_out = make_pool(processor, 200, args.seed, 1, start=10**6, source=source)
+    held_out = batches.make_pool(processor, 200, args.seed, 1, start=10**6, source=source)
     bar = tqdm(range(args.vision_steps), desc="vision")
     for step in bar:
-        batch = make_pool(processor, args.batch, args.seed, 1, args.data_start + step * args.batch, source)
+        batch = batches.make_pool(processor, args.batch, args.seed, 1, args.data_start + step * args.batch, source)
         model.model.get_image_features(pixel_values=batch["pixel_values"])
         loss = heads.vision_loss(captured["v"], batch)
         opt.zero_grad(set_to_none=True)
@@ -366,7 +252,7 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
     if args.vision_steps:
         vision_stage(model, heads, processor, source, vision, captured, args)
 
-    pool = make_pool(processor, args.pool, args.seed, args.turns, source=source) if args.pool else None
+    pool = batches.make_pool(processor, args.pool, args.seed, args.turns, source=source) if args.pool else None
     params = list(model.parameters()) + list(heads.parameters())
     vision_ids = {id(p) for p in vision}
     groups = [
@@ -388,7 +274,7 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
     for step in bar:
         model.train()
         if pool is None:
-            batch = make_pool(
+            batch = batches.make_pool(
                 processor,
                 args.batch,
                 args.seed,
