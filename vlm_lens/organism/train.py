@@ -224,6 +224,11 @@ def vision_stage(model, heads, processor, source, vision: list, captured: dict, 
             tqdm.write(f"vision step {step + 1}: held-out object-patch shape accuracy {shape_acc:.3f}")
 
 
+def _capture_output(layer: torch.nn.Module, captured: dict, key: str) -> None:
+    """Keep ``layer``'s output hidden states in ``captured[key]`` on every forward."""
+    layer.register_forward_hook(lambda m, i, o: captured.__setitem__(key, o[0] if isinstance(o, tuple) else o))
+
+
 def train(args) -> tuple[LlavaForConditionalGeneration, object]:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -260,13 +265,11 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
         {"params": vision, "scale": args.tower_lr_scale},
     ]
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
-    middle = model.model.language_model.layers[args.text_layers // 2 - 1]
-    middle.register_forward_hook(
-        lambda m, i, o: captured.__setitem__("mid", o[0] if isinstance(o, tuple) else o)
-    )
-    model.model.language_model.layers[args.relation_layer].register_forward_hook(
-        lambda m, i, o: captured.__setitem__("relation", o[0] if isinstance(o, tuple) else o)
-    )
+    layers = model.model.language_model.layers
+    if heads.target is not None:
+        _capture_output(layers[args.text_layers // 2 - 1], captured, "mid")
+    if heads.relation is not None:
+        _capture_output(layers[args.relation_layer], captured, "relation")
     val_items = list(data.ShapesDataset("test", args.seed + 1, args.eval_size, organism=args.organism))
     rng = np.random.default_rng(args.seed)
 
@@ -302,15 +305,14 @@ def train(args) -> tuple[LlavaForConditionalGeneration, object]:
             image_rows = captured["mid"][batch["input_ids"][:, :length] == config.image_token_index]
             target_loss = F.cross_entropy(heads.target(image_rows), batch["target"].flatten())
             loss = loss + args.target_weight * target_loss
-        if heads.relation is not None:
+        relation = batch[f"relation_{args.relation_target}"]
+        if heads.relation is not None and bool((relation >= 0).any()):  # else every label is ignored: NaN loss
             rows = torch.arange(len(batch["prompt_end"]))
             guess = heads.relation(captured["relation"][rows, batch["prompt_end"]])
-            relation = batch[f"relation_{args.relation_target}"]
             relation_loss = F.cross_entropy(
                 guess.unflatten(-1, heads.relation_shape).flatten(0, 1), relation.flatten(), ignore_index=-100
             )
-            if bool((relation >= 0).any()):
-                loss = loss + args.relation_weight * relation_loss
+            loss = loss + args.relation_weight * relation_loss
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args) * group["scale"]
         opt.zero_grad(set_to_none=True)
