@@ -27,6 +27,9 @@ def test_7b_shapes_bf16_match_hf(tmp_path):
     p = r["parity"]
     assert p["top1_equal_where_clear"], p
     assert p["max_abs_logprob_diff"] <= parity.BF16_LOGPROB_TOL, p
+    q = r["parity_processed"]  # folded norms and a centred unembedding: log-probs, not logits, are kept
+    assert q["top1_equal_where_clear"], q
+    assert q["max_abs_logprob_diff"] <= parity.BF16_LOGPROB_TOL, q
 
 
 @pytest.mark.slow
@@ -35,3 +38,19 @@ def test_7b_shapes_float32_match_hf_within_1e_4(tmp_path):
     r = parity.run("llava-7b", lm_layers=1, dtype="float32", device="cpu", repeats=1, folder=tmp_path, matmul=False)
     assert r["parity"]["max_abs_logit_diff"] <= parity.FP32_TOL, r["parity"]
     assert r["parity"]["top1_equal"] == r["parity"]["positions"]
+    assert r["parity_processed"]["max_abs_logprob_diff"] <= parity.FP32_TOL, r["parity_processed"]
+    assert r["parity_processed"]["top1_equal"] == r["parity_processed"]["positions"]
+
+
+def test_parity_script_on_tiny_shapes(tmp_path):
+    """The GPU check's parity step (``gpu_check.sh --device cpu`` runs the same) in seconds: raw and processed
+    models against HF in bf16, and the report carries the processed load's ratio to HF's."""
+    parity = _parity_module()
+    r = parity.run("tiny", lm_layers=2, dtype="bfloat16", device="cpu", repeats=1, folder=tmp_path)
+    for key in ("parity", "parity_processed"):
+        assert r[key]["top1_equal_where_clear"], r[key]
+        assert r[key]["max_abs_logprob_diff"] <= parity.BF16_LOGPROB_TOL, r[key]
+    assert set(r["loads"]) >= {"hf", "vlm_raw", "vlm"}
+    text = parity.report(r)
+    assert "processed model (`from_pretrained`): top-1 token equal" in text
+    assert "(vlm) |" in text and "x), " in text
