@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from vlm_lens.analysis import (
@@ -43,3 +44,39 @@ def test_patch_image_positions_on_the_grid(raw_model):
     assert result.values.abs().max() > 0
     heads = patch_image_positions(raw_model, clean, corrupt, norm, activation="z", layers=[1])
     assert heads.values.shape == (1, 4, 4, raw_model.cfg.n_heads)
+
+
+def test_patch_image_positions_patches_each_rows_own_cell_under_padding(raw_model, two):
+    """Rows of different lengths put their images at different positions under left padding: cell (r, c) is
+    patched at each row's own image, as a hand-written hook does."""
+    corrupt = raw_model.prepare([PROMPT, "USER : <image>\ndescribe ASSISTANT :"],
+                                images=[[make_image(3)], [make_image(4)]])
+    starts = [int(two.layout.grid(i)[0, 0]) for i in range(2)]
+    assert starts[0] != starts[1]  # the case this test is about
+    with torch.no_grad():
+        base = raw_model(corrupt)
+    metric = lambda logits: (logits[:, -1] - base[:, -1]).norm(dim=-1).mean()  # noqa: E731
+    name = "blocks.0.hook_resid_pre"
+    _, cache = raw_model.run_with_cache(two, names_filter=name)
+    result = patch_image_positions(raw_model, two, corrupt, metric, layers=[0])
+
+    def by_hand(r, c):
+        def hook(value, hook):
+            value = value.clone()
+            for image in range(2):
+                b, p = two.layout.batch_of(image), int(two.layout.grid(image)[r, c])
+                value[b, p] = cache[name][b, p]
+            return value
+        with torch.no_grad():
+            return float(metric(raw_model.run_with_hooks(corrupt, fwd_hooks=[(name, hook)])))
+
+    expected = torch.tensor([[by_hand(r, c) for c in range(4)] for r in range(4)])
+    assert torch.allclose(result.values[0], expected, atol=1e-4), (result.values[0] - expected).abs().max()
+    heads = patch_image_positions(raw_model, two, corrupt, metric, activation="z", layers=[0])
+    assert heads.values.shape == (1, 4, 4, raw_model.cfg.n_heads) and heads.values.abs().max() > 0
+
+
+def test_patch_image_positions_refuses_a_missing_image(raw_model, two):
+    with pytest.raises(ValueError, match="has 1 image"):
+        patch_image_positions(raw_model, two, two, lambda logits: logits.sum(), image=1, layers=[0])
+    assert not any(h.fwd_hooks for h in raw_model.hook_dict.values())
