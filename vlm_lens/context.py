@@ -47,6 +47,7 @@ class CallContext:
     image_embeds: torch.Tensor | None = None  # [n_image_tokens, d_model] in sequence order
     positions: Any = None  # a family's position ids for the call's keys (e.g. M-RoPE), or None
     side_outputs: dict[str, Any] = field(default_factory=dict)  # the encode's ImagePlan.side_outputs
+    offset: int = 0  # positions already in the KV cache: the call's first token sits at this absolute position
 
 
 @dataclass

@@ -226,6 +226,7 @@ class HookedVLM(HookedTransformer):
         tokens = input if input.ndim == 2 else input[None]
         past_kv_cache = kwargs.get("past_kv_cache")
         call = self._call_context(tokens, pixel_values, prompt_images, past_kv_cache, extras)
+        call.offset = cached_length(past_kv_cache)
         call.positions = self.pipeline.positions(
             self, tokens, call.image_mask, kwargs.get("attention_mask"), past_kv_cache,
             None if prompt_images is None else prompt_images.positions, extras)

@@ -54,3 +54,24 @@ def test_knockout_applies_to_generated_queries_with_kv_cache(raw_model, one):
     spy = [("blocks.0.attn.hook_pattern", lambda v, hook: seen.append(v[0, :, -1, keys].abs().max().item()))]
     raw_model.generate(one, max_new_tokens=3, fwd_hooks=hooks + spy, stop_at_eos=False)
     assert seen == [0.0, 0.0, 0.0]
+
+
+def test_knockout_refuses_negative_positions():
+    """-1 would silently match nothing as a query and wrap around as a key: positions are absolute."""
+    with pytest.raises(ValueError, match="query_positions must be absolute"):
+        knockout_hooks([-1], [3], [0])
+    with pytest.raises(ValueError, match="key_positions must be absolute"):
+        knockout_hooks([5], [[0, 1], [-2]], [0])
+
+
+def test_knockout_takes_a_row_per_row_position_tensor(raw_model, two):
+    last = two.tokens.shape[1] - 1
+    grids = torch.stack([two.layout.grid(i).flatten() for i in range(2)])  # [batch, n]: each row's own image
+    with torch.no_grad():
+        stacked = raw_model.run_with_hooks(two, fwd_hooks=knockout_hooks([last], grids, [0, 1]))
+        listed = raw_model.run_with_hooks(two, fwd_hooks=knockout_hooks([last], list(grids), [0, 1]))
+    assert torch.equal(stacked, listed)
+    with pytest.raises(ValueError, match=r"positions of shape \(3, 16\)"):
+        with torch.no_grad():
+            raw_model.run_with_hooks(two, fwd_hooks=knockout_hooks([last], torch.zeros(3, 16, dtype=torch.long), [0]))
+    assert not any(h.fwd_hooks for h in raw_model.hook_dict.values())

@@ -2,7 +2,7 @@
 
 Hooks act on ``hook_image_embeds``, which fires once per image encode: in ``generate`` that is the
 prefill only, so ablations are safe there. ``embed_ablation_hooks`` works on ``hook_embed`` for any
-position (text too), also prefill-only.
+absolute position (text too): in ``generate`` each position is replaced in the call that embeds it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import torch
 from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 
-from vlm_lens.analysis.positions import per_row
+from vlm_lens.analysis.positions import per_row, require_absolute
+from vlm_lens.context import CALL
 from vlm_lens.hooked_vlm import HookedVLM
 from vlm_lens.inputs import VLMInputs
 
@@ -81,20 +82,45 @@ def image_ablation_hooks(inputs: VLMInputs, positions: Any, replacement: Replace
 
 
 def embed_ablation_hooks(positions: Any, replacement: Replacement = "zero", *, mean: torch.Tensor | None = None,
-                         seed: int = 0) -> list[Hook]:
-    """Hooks on ``hook_embed`` replacing any sequence positions; skipped on cached generation steps."""
+                         seed: int = 0, inputs: VLMInputs | None = None) -> list[Hook]:
+    """Hooks on ``hook_embed`` replacing any sequence positions (text or image tokens).
+
+    Positions are absolute, >= 0 (one tensor for every row, a ``[batch, n]`` tensor or one per row). Each
+    call replaces those of its own positions (in ``generate`` with the KV cache, a step's new tokens sit after
+    the cached ones, so prompt positions are replaced once, at the prefill, and a listed generated position on
+    its step); positions past the end of a call are skipped. ``"noise"`` is matched to the mean and std of
+    each row's prompt embeddings, padding left out, so it needs ``inputs`` (the prompt these hooks run on).
+    """
+    require_absolute(positions, "positions")
+    if isinstance(replacement, str) and replacement == "noise" and inputs is None:
+        raise ValueError("replacement='noise' is matched to each row's own prompt embeddings with the padding left "
+                         "out: pass inputs=... (the VLMInputs the hooks run on).")
     generator = torch.Generator().manual_seed(seed)
+    reference: list[torch.Tensor] = []  # per row: the prompt's attended embeddings, from the call at offset 0
 
     def hook(value: torch.Tensor, hook: Any) -> torch.Tensor:
-        rows = per_row(positions, value.shape[0])
-        if max((int(r.max()) for r in rows if len(r)), default=-1) >= value.shape[1]:
-            return value  # a KV-cached generation step: the prompt positions are not in this call
+        call = CALL.get()
+        offset = 0 if call is None else call.offset
+        if replacement == "noise" and offset == 0:
+            reference[:] = _prompt_rows(value, inputs)
         value = value.clone()
-        for b, pos in enumerate(rows):
-            value[b, pos] = _replace(value[b, pos], replacement, mean, value[b], generator)
+        for b, pos in enumerate(per_row(positions, value.shape[0])):
+            pos = pos[(pos >= offset) & (pos < offset + value.shape[1])] - offset
+            if len(pos):
+                value[b, pos] = _replace(value[b, pos], replacement, mean, reference[b] if reference else value[b],
+                                         generator)
         return value
 
     return [("hook_embed", hook)]
+
+
+def _prompt_rows(value: torch.Tensor, inputs: VLMInputs) -> list[torch.Tensor]:
+    """Each row's embeddings at the prompt positions its attention mask keeps (no padding)."""
+    mask = inputs.attention_mask.to(value.device).bool()
+    if mask.shape[0] != value.shape[0] or mask.shape[1] > value.shape[1]:
+        raise ValueError(f"inputs= has {tuple(mask.shape)} tokens but the hooked call embeds {tuple(value.shape[:2])}: "
+                         "pass the VLMInputs the hooks run on.")
+    return [value[b, : mask.shape[1]][mask[b]] for b in range(value.shape[0])]
 
 
 @torch.no_grad()

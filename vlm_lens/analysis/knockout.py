@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from vlm_lens.analysis.positions import per_row
+from vlm_lens.analysis.positions import per_row, require_absolute
 from vlm_lens.hook_names import Tower, act_names
 
 Hook = tuple[str, Callable]
@@ -46,7 +46,8 @@ def knockout_hooks(query_positions: Any, key_positions: Any, layers: Sequence[in
                    tower: Tower = "lm") -> list[Hook]:
     """Hooks that block attention from ``query_positions`` to ``key_positions``.
 
-    Positions are absolute (one tensor for every batch row, or a list with one per row); ``layers`` is
+    Positions are absolute, >= 0 (one tensor for every batch row, a ``[batch, n]`` tensor or a list with one
+    per row; positions past the end of a call are skipped, so later generated tokens can be listed); ``layers`` is
     a list or a window name (then ``n_layers`` is needed); ``heads=None`` means all heads.
 
     Example:
@@ -55,6 +56,8 @@ def knockout_hooks(query_positions: Any, key_positions: Any, layers: Sequence[in
         >>> model.to_string(model.run_with_hooks(inputs, fwd_hooks=hooks)[0, -1].argmax())  # was 'blue'
         'red'
     """
+    require_absolute(query_positions, "query_positions")
+    require_absolute(key_positions, "key_positions")
     if isinstance(layers, str):
         if n_layers is None:
             raise ValueError("a named layer window needs n_layers=model.cfg.n_layers.")

@@ -19,15 +19,35 @@ from vlm_lens.layout import ImageLayout
 def per_row(positions: Any, batch: int) -> list[Int[torch.Tensor, "n"]]:
     """One LongTensor of sequence positions per batch row, as every tool here takes them.
 
-    A tensor or a list of ints applies to every row; a list of ``batch`` sequences gives each row its own.
+    A 1-D tensor or a list of ints applies to every row; a ``[batch, n]`` tensor or a list of ``batch``
+    sequences gives each row its own.
     """
-    if torch.is_tensor(positions) or isinstance(positions, np.ndarray) or (
-            isinstance(positions, Sequence) and positions and isinstance(positions[0], (int, np.integer))):
+    if torch.is_tensor(positions) or isinstance(positions, np.ndarray):
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        if positions.ndim <= 1:
+            return [positions.reshape(-1)] * batch
+        if positions.ndim == 2 and positions.shape[0] == batch:
+            return list(positions.unbind(0))
+        raise ValueError(f"positions of shape {tuple(positions.shape)}: give a 1-D tensor (the same positions in "
+                         f"every row), a [batch={batch}, n] tensor or a list with one tensor per row.")
+    if isinstance(positions, Sequence) and positions and isinstance(positions[0], (int, np.integer)):
         return [torch.as_tensor(positions, dtype=torch.long).reshape(-1)] * batch
     if not isinstance(positions, Sequence) or len(positions) != batch:
         n = len(positions) if isinstance(positions, Sequence) else type(positions).__name__
         raise ValueError(f"give one position tensor for every row or a list with one per batch row ({batch}), got {n}.")
     return [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in positions]
+
+
+def require_absolute(positions: Any, what: str) -> None:
+    """Refuse negative positions where a tool needs absolute ones (counted from the start of the sequence,
+    so that they stay the same positions while ``generate`` appends tokens)."""
+    flat = positions if torch.is_tensor(positions) or isinstance(positions, np.ndarray) else (
+        [int(p) for p in positions] if positions and isinstance(positions[0], (int, np.integer))
+        else [int(p) for row in positions for p in torch.as_tensor(row).reshape(-1).tolist()])
+    flat = torch.as_tensor(flat, dtype=torch.long)
+    if flat.numel() and int(flat.min()) < 0:
+        raise ValueError(f"{what} must be absolute sequence positions (>= 0), got {int(flat.min())}; for the last "
+                         "prompt token use inputs.tokens.shape[1] - 1.")
 
 
 def dilate(mask: Bool[torch.Tensor, "rows cols"] | np.ndarray, buffer: int) -> Bool[torch.Tensor, "rows cols"]:
