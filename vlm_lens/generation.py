@@ -6,10 +6,12 @@ whole sequence and the same image embeddings are written at the prompt's image p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from tqdm.auto import tqdm
+from transformer_lens.utilities import get_attention_mask
 from transformer_lens.utilities.logits_utils import sample_logits
 
 from vlm_lens._tl.kv_cache import new_cache
@@ -20,13 +22,13 @@ if TYPE_CHECKING:
     from vlm_lens.hooked_vlm import HookedVLM
 
 
-def _as_inputs(model: HookedVLM, input: Any, pixel_values: torch.Tensor | None,
+def _as_inputs(model: HookedVLM, input: Any, pixel_values: torch.Tensor | None, attention_mask: torch.Tensor | None,
                extras: dict[str, Any]) -> VLMInputs:
     from vlm_lens.inputs import inputs_from_tokens
 
     if isinstance(input, VLMInputs):
-        if pixel_values is not None:
-            raise ValueError("Pass pixel_values inside the VLMInputs or with tokens, not both.")
+        if pixel_values is not None or attention_mask is not None:
+            raise ValueError("Pass pixel_values and attention_mask inside the VLMInputs or with tokens, not both.")
         return input
     if isinstance(input, (str, list)):
         if model.processor is not None:
@@ -34,7 +36,25 @@ def _as_inputs(model: HookedVLM, input: Any, pixel_values: torch.Tensor | None,
         input = model.to_tokens(input)
     tokens = input if input.ndim == 2 else input[None]
     model._check_image_inputs(tokens, pixel_values, extras)  # clear errors before the layout is built
-    return inputs_from_tokens(model, tokens, pixel_values, **extras)
+    tok = model.tokenizer
+    if attention_mask is None and tok is not None and tok.pad_token_id is not None:
+        # generate() continues rows from their ends, so padding is on the left: leading pad tokens are padding
+        # (TransformerLens's rule for a left-padding tokenizer, with a BOS that doubles as pad kept)
+        attention_mask = get_attention_mask(tok, tokens, model.cfg.default_prepend_bos, padding_side="left")
+    return inputs_from_tokens(model, tokens, pixel_values, attention_mask=attention_mask, **extras)
+
+
+def _stop_tokens(model: HookedVLM, eos_token_id: int | Sequence[int] | None) -> torch.Tensor | None:
+    """The tokens that end a row: those given, else the checkpoint's generation_config (HF's default, which
+    may list several), else the tokenizer's eos token."""
+    if eos_token_id is None:
+        eos_token_id = model.generation_eos_token_ids
+    if eos_token_id is None and model.tokenizer is not None:
+        eos_token_id = model.tokenizer.eos_token_id
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
+    return torch.tensor(ids, dtype=torch.long, device=model.cfg.device) if ids else None
 
 
 def generate(
@@ -49,7 +69,8 @@ def generate(
     top_p: float | None = None,
     use_past_kv_cache: bool = True,
     stop_at_eos: bool = True,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    attention_mask: torch.Tensor | None = None,
     fwd_hooks: list[tuple[Any, Any]] | tuple = (),
     return_type: Literal["tokens", "new_tokens", "str", "new_str"] = "tokens",
     verbose: bool = False,
@@ -60,14 +81,17 @@ def generate(
 
     Returns the whole sequence as tokens (``"tokens"``, as HookedTransformer does), only the new tokens
     (``"new_tokens"``), or decoded text (``"str"``: whole, image tokens collapsed to one placeholder;
-    ``"new_str"``: the continuation only). Finished rows are padded with the pad token.
+    ``"new_str"``: the continuation only). Finished rows are padded with the pad token. A row finishes at
+    any of ``eos_token_id`` (one id or several; by default the checkpoint's ``generation_config`` stop
+    tokens, as HF's ``generate``, else the tokenizer's eos). Tokens given without ``attention_mask`` have
+    their leading pad tokens masked (rows must not end in padding).
     """
     if return_type not in ("tokens", "new_tokens", "str", "new_str"):
         raise ValueError(f"return_type={return_type!r}; use 'tokens', 'new_tokens', 'str' or 'new_str'.")
     unknown = set(extras) - set(model.pipeline.extra_keys)
     if unknown:
         raise ValueError(f"generate() got unexpected arguments {sorted(unknown)}.")
-    inputs = _as_inputs(model, input, pixel_values, extras)
+    inputs = _as_inputs(model, input, pixel_values, attention_mask, extras)
     pixel_values = inputs.pixel_values
     extras = {k: v for k, v in inputs.extras.items() if k in model.pipeline.extra_keys}
     device = model.cfg.device
@@ -77,12 +101,15 @@ def generate(
         raise ValueError(
             f"{tokens.shape[1]} prompt tokens + {max_new_tokens} new tokens exceed the context of {model.cfg.n_ctx}."
         )
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generate() continues every row from its last position, but some rows end in padding: "
+                         "pad on the left (model.prepare(..., padding_side='left'), the default).")
     if seed is not None:
         torch.manual_seed(seed)
     tok = model.tokenizer
-    if eos_token_id is None and tok is not None:
-        eos_token_id = tok.eos_token_id
-    pad_id = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else (eos_token_id or 0)
+    stop = _stop_tokens(model, eos_token_id)
+    pad_id = next((t for t in (model.generation_pad_token_id, None if tok is None else tok.pad_token_id,
+                               None if stop is None else int(stop[0])) if t is not None), 0)
     batch, prompt_len = tokens.shape
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = new_cache(model.cfg, device, batch) if use_past_kv_cache else None
@@ -104,8 +131,8 @@ def generate(
             next_tok = torch.where(finished, torch.full_like(next_tok, pad_id), next_tok)
             tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(next_tok[:, None])], dim=1)
-            if stop_at_eos and eos_token_id is not None:
-                finished |= next_tok == eos_token_id
+            if stop_at_eos and stop is not None:
+                finished |= torch.isin(next_tok, stop)
                 if finished.all():
                     break
             if use_past_kv_cache:

@@ -15,6 +15,7 @@ from jaxtyping import Float
 from transformer_lens import HookedTransformer
 from transformer_lens.config import HookedTransformerConfig
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import get_attention_mask
 
 from vlm_lens import _tl
 from vlm_lens._memory import cache_memory_enabled, cpu_bytes, keep_cache_memory
@@ -58,6 +59,10 @@ class HookedVLM(HookedTransformer):
             super().__init__(cfg, tokenizer=tokenizer, move_to_device=False, default_padding_side=default_padding_side)
         self.vlm_cfg = vlm_cfg
         self.processor = processor
+        # The checkpoint's generation_config stop and pad tokens (set by from_pretrained); generate() stops at
+        # any of these, as HF's generate does, before falling back to the tokenizer's eos token.
+        self.generation_eos_token_ids: tuple[int, ...] | None = None
+        self.generation_pad_token_id: int | None = None
         self.embed = MergingEmbed(self.cfg)
         self.hook_image_features = HookPoint()  # what the projector reads
         self.hook_image_embeds = HookPoint()  # [n_images, n_image_tokens, d_model] or [total_tokens, d_model]
@@ -204,6 +209,10 @@ class HookedVLM(HookedTransformer):
         expanded plus ``pixel_values``; strings and text-only tokens work as in TransformerLens.
         ``prompt_images`` is ``generate``'s: the prompt's images, encoded once.
         """
+        if kwargs.get("start_at_layer") is not None and (
+                isinstance(input, (VLMInputs, str, list)) or (torch.is_tensor(input) and not input.is_floating_point())):
+            raise ValueError("start_at_layer=l takes the residual stream entering block l ([batch, pos, d_model], e.g. a "
+                             "cache's blocks.{l}.hook_resid_pre), not tokens or VLMInputs.")
         extras = {k: kwargs.pop(k) for k in self.pipeline.extra_keys if k in kwargs}
         if isinstance(input, VLMInputs):
             if pixel_values is not None:
@@ -222,7 +231,13 @@ class HookedVLM(HookedTransformer):
                 )
             return super().forward(input, *args, **kwargs)
         if isinstance(input, (str, list)):
-            input = self.to_tokens(input)
+            prepend_bos, padding_side = kwargs.get("prepend_bos"), kwargs.get("padding_side")
+            input = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
+            if padding_side is not None and kwargs.get("attention_mask") is None and self.tokenizer.pad_token_id is not None:
+                # TransformerLens masks padding by the tokenizer's side only; this call padded on `padding_side`
+                kwargs["attention_mask"] = get_attention_mask(
+                    self.tokenizer, input, self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos,
+                    padding_side=padding_side)
         tokens = input if input.ndim == 2 else input[None]
         past_kv_cache = kwargs.get("past_kv_cache")
         call = self._call_context(tokens, pixel_values, prompt_images, past_kv_cache, extras)

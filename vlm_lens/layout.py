@@ -159,9 +159,11 @@ class ImageLayout:
         positions = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
         return torch.isin(grid, positions)
 
-    def cell_of(self, position: int) -> tuple[int, int, int] | None:
-        """(image, row, col) of a sequence position in batch row 0's coordinates, or None."""
+    def cell_of(self, position: int, batch: int = 0) -> tuple[int, int, int] | None:
+        """(image, row, col) of a sequence position of batch row ``batch``, or None if no grid cell is there."""
         for i, span in enumerate(self.spans):
+            if span.batch != batch:
+                continue
             hits = (span.grid == position).nonzero()
             if len(hits):
                 return i, int(hits[0, 0]), int(hits[0, 1])

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from vlm_lens import HookedVLM
 from vlm_lens.architectures.llava.testing import save_llava, tiny_llava_config
+from vlm_lens.inputs import inputs_from_tokens
 from vlm_lens.testing import IMAGE_TOKEN_ID, image_prompt_tokens, random_pixels
 
 
@@ -33,6 +34,17 @@ BAD_CALLS = {
     "wrong image size": (lambda t, p: (t, p[..., :8, :8]), "shape"),
     "pixels not 4-d": (lambda t, p: (t, p[0]), "shape"),
 }
+
+
+@pytest.mark.parametrize("as_inputs", [False, True])
+def test_start_at_layer_with_tokens_names_what_it_takes(raw_model, good_call, as_inputs):
+    tokens, pixels, base = good_call
+    given = inputs_from_tokens(raw_model, tokens, pixels) if as_inputs else tokens
+    with pytest.raises(ValueError, match="residual stream entering block"):
+        raw_model.run_with_hooks(given, start_at_layer=1, fwd_hooks=[("hook_embed", lambda v, hook: None)])
+    assert _n_hooks(raw_model) == 0
+    with torch.no_grad():
+        assert torch.equal(raw_model(tokens, pixel_values=pixels), base)
 
 
 @pytest.mark.parametrize("case", list(BAD_CALLS))

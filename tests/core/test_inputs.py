@@ -154,3 +154,31 @@ def test_split_image_tokens_hands_out_consecutive_images_and_names_what_is_wrong
         list(split_image_tokens(mask, [4, 1, 2], "image_sizes", str))
     with pytest.raises(ValueError, match="image_grid_thw describes 4 images but the tokens hold 3"):
         list(split_image_tokens(mask, [3, 2, 2, 1], "image_grid_thw", str))
+
+
+def test_cell_of_looks_in_the_given_row_only(raw_model):
+    """Row 0 text only, row 1 with an image: a row-0 position is no image cell, whatever row 1 has there."""
+    inputs = raw_model.prepare(["what is this ?", PROMPT], images=[[], [img(0)]])
+    position = inputs.layout.position(0, 1, 1)
+    assert inputs.layout.batch_of(0) == 1
+    assert inputs.layout.cell_of(position) is None
+    assert inputs.layout.cell_of(position, batch=1) == (0, 1, 1)
+
+
+def test_string_input_honours_prepend_bos_and_padding_side(raw_model):
+    """TransformerLens's tokenisation arguments reach the tokeniser when HookedVLM tokenises a string."""
+    with torch.no_grad():
+        tokens = raw_model.to_tokens("what is this ?", prepend_bos=False)
+        assert torch.equal(raw_model("what is this ?", prepend_bos=False), raw_model(tokens))
+        _, cache = raw_model.run_with_cache("what is this ?", prepend_bos=False, names_filter="hook_embed")
+        assert cache["hook_embed"].shape[1] == tokens.shape[1]
+        texts = ["what is this ?", "a"]
+        for side in ("left", "right"):
+            padded = raw_model.to_tokens(texts, padding_side=side)
+            mask = (padded != raw_model.tokenizer.pad_token_id).long()
+            mask[:, 0] = 1  # BOS
+            out = raw_model(texts, padding_side=side)
+            short = int(mask[1].sum())
+            last = -1 if side == "left" else short - 1
+            alone = raw_model("a")[0, -1]
+            assert torch.allclose(out[1, last], alone, atol=1e-4), side

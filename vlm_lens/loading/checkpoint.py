@@ -47,6 +47,18 @@ def safetensors_files(name_or_path: str, **hub_kwargs: Any) -> list[str] | None:
     return list(shards)
 
 
+def load_generation_config(name_or_path: str, **hub_kwargs: Any) -> Any:
+    """The checkpoint's ``generation_config.json`` as a ``GenerationConfig`` (its stop and pad tokens, which
+    HF's ``from_pretrained`` reads and a model built from a state dict does not), or None when it has none."""
+    from transformers import GenerationConfig
+    from transformers.utils import cached_file
+
+    hub_kwargs = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS}
+    found = cached_file(name_or_path, "generation_config.json", _raise_exceptions_for_missing_entries=False,
+                        **hub_kwargs)
+    return None if found is None else GenerationConfig.from_pretrained(name_or_path, **hub_kwargs)
+
+
 def load_hf_model(hf_class: type, config: Any, files: list[str], dtype: Any, *, device: Any = "cpu",
                   **kwargs: Any) -> tuple[Any, dict]:
     """``hf_class.from_pretrained`` on the given safetensors files, each tensor placed on ``device`` as it is

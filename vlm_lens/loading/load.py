@@ -28,6 +28,7 @@ from vlm_lens.loading.checkpoint import (
     SAFE_INDEX,
     SAFE_WEIGHTS,
     STRICT_REPORT,
+    load_generation_config,
     load_hf_model,
     safetensors_files,
 )
@@ -59,6 +60,9 @@ def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, pr
         files = safetensors_files(name_or_path, **hf_kwargs)
         if files is not None:
             hf_model, info = load_hf_model(spec.hf_class(), config, files, dtype, device=device, **hf_kwargs)
+            generation = load_generation_config(name_or_path, **hf_kwargs)
+            if generation is not None:  # as HF's own from_pretrained of the folder has it
+                hf_model.generation_config = generation
         elif allow_pickle:
             hf_model, info = spec.hf_class().from_pretrained(
                 name_or_path, dtype=dtype, use_safetensors=False, output_loading_info=True,
@@ -115,6 +119,7 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
     """
     holder = hf_model if isinstance(hf_model, list) else [hf_model]
     model = holder[0]
+    generation_config = getattr(model, "generation_config", None)
     dtype = resolve_dtype(dtype) or next(model.parameters()).dtype
     device = device or next(model.parameters()).device
     spec = get_spec(architecture_of(model.config) or type(model).__name__, getattr(model.config, "model_type", None))
@@ -136,6 +141,7 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
     tokenizer = getattr(processor, "tokenizer", None)
     vlm = cls(folded_config(cfg) if fold else cfg, vlm_cfg, tokenizer=tokenizer, processor=processor,
               move_to_device=False, fast=fast)
+    vlm.generation_eos_token_ids, vlm.generation_pad_token_id = generation_token_ids(generation_config)
     params = _check_state(vlm, state, processed_keys(state, fold))
     # Processing writes into the weights: those of a model we were handed, and those sharing memory with
     # another weight (tied embeddings), are copied first.
@@ -159,6 +165,14 @@ def build_from_hf(cls: type, hf_model: Any, processor: Any, *, processing: dict[
     vlm.to(torch.device(device) if not isinstance(device, torch.device) else device)
     vlm.eval()
     return vlm
+
+
+def generation_token_ids(generation_config: Any) -> tuple[tuple[int, ...] | None, int | None]:
+    """The stop tokens (one or several) and the pad token of an HF ``GenerationConfig``, or Nones."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    pad = getattr(generation_config, "pad_token_id", None)
+    eos = None if eos is None else tuple(int(t) for t in ([eos] if isinstance(eos, int) else eos))
+    return eos or None, None if pad is None else int(pad)
 
 
 @contextmanager
