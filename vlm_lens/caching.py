@@ -8,7 +8,8 @@ Which hooks are filtered: the language model's (``hook_embed``, ``blocks.*``, ``
 or dimension 2 for ``hook_attn_scores`` / ``hook_pattern`` (``[batch, head, query_pos, key_pos]``: the
 query positions are kept, every key position stays). Vision-side hooks (``vision.*``, ``projector.*``,
 ``hook_image_features``, ``hook_image_embeds``, a family's own modules) are cached whole: their positions
-are patches, not sequence positions.
+are patches, not sequence positions; so are language-model hooks the pipeline lists in ``key_axis_hooks``
+(cross-attention keys and values, ``[batch, image_keys, ...]``).
 
 Layouts:
 
@@ -43,9 +44,10 @@ LM_HOOK_PREFIXES = ("hook_embed", "hook_pos_embed", "blocks.", "ln_final.", "une
 _QUERY_FIRST = ("hook_attn_scores", "hook_pattern")
 
 
-def is_sequence_hook(name: str) -> bool:
-    """Whether ``name`` is a language-model hook with a sequence-position dimension."""
-    return name.startswith(LM_HOOK_PREFIXES)
+def is_sequence_hook(name: str, key_axis_hooks: tuple[str, ...] = ()) -> bool:
+    """Whether ``name`` is a language-model hook with a sequence-position dimension (not one of a pipeline's
+    ``key_axis_hooks``, whose dimension 1 indexes image keys)."""
+    return name.startswith(LM_HOOK_PREFIXES) and not any(part in name for part in key_axis_hooks)
 
 
 def position_dim(name: str) -> int:
@@ -63,6 +65,7 @@ def _own_memory(kept: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 def filtered_caching_hooks(
     hook_names: list[str], names_filter: Callable[[str], bool], *, device: Any = None,
     remove_batch_dim: bool = False, pos_slice: Slice | None = None, image_mask: torch.Tensor | None = None,
+    key_axis_hooks: tuple[str, ...] = (),
 ) -> tuple[dict[str, torch.Tensor], list]:
     """A cache dict and forward hooks filling it (see the module docstring for the layouts)."""
     cache: dict[str, torch.Tensor] = {}
@@ -70,7 +73,7 @@ def filtered_caching_hooks(
     def save(tensor: torch.Tensor, hook: Any) -> None:
         name = hook.name
         value = tensor.detach()
-        if is_sequence_hook(name):
+        if is_sequence_hook(name, key_axis_hooks):
             dim = position_dim(name)
             if image_mask is not None:
                 value = _image_rows(value, dim, image_mask, name)
@@ -139,7 +142,8 @@ def run_with_filtered_cache(model: HookedVLM, model_args: tuple, image_tokens_on
         image_mask = _image_mask_of(model, model_args[0] if model_args else kwargs.get("input"))
     cache, hooks = filtered_caching_hooks(
         list(model.hook_dict), names_filter_fn(names_filter), device=device,
-        remove_batch_dim=remove_batch_dim, pos_slice=pos_slice, image_mask=image_mask)
+        remove_batch_dim=remove_batch_dim, pos_slice=pos_slice, image_mask=image_mask,
+        key_axis_hooks=model.pipeline.key_axis_hooks)
     with model.hooks(fwd_hooks=hooks):
         out = model(*model_args, **kwargs)
     if not return_cache_object:

@@ -51,6 +51,9 @@ class ImagePipeline:
     # nothing is written over the sequence, and ``CallContext.image_embeds`` / ``side_outputs`` reach every call,
     # ``generate``'s KV-cached steps included.
     splices_images: bool = True
+    # Fragments of language-model hook names whose dimension 1 indexes image keys, not sequence positions
+    # (cross-attention keys and values): run_with_cache's pos_slice / image_tokens_only keep them whole.
+    key_axis_hooks: tuple[str, ...] = ()
 
     def __init__(self, vlm_cfg: VLMConfig | None = None) -> None:
         """``vlm_cfg``: the model's config, which the spec's factory has already used to choose this class; the

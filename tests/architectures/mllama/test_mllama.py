@@ -250,3 +250,19 @@ def test_fast_false_equals_hf_and_hooks_live(checkpoint, batch):
     names += [f"blocks.{layer}.hook_attn_gate", f"blocks.{layer}.hook_mlp_out", "hook_image_embeds",
               "blocks.1.attn.hook_pattern"]
     assert_hooks_live(slow, names, slow.prepare(PROMPTS[1], images=IMAGES[1]))
+
+
+def test_cache_options_keep_the_cross_attention_keys_whole(model, batch):
+    """cross_attn.hook_k / hook_v / k_norm are [batch, image_keys, ...]: pos_slice and image_tokens_only cut
+    sequence positions only, so these stay whole (they were sliced on the key axis, or refused)."""
+    with torch.no_grad():
+        _, full = model.run_with_cache(batch)
+        _, last = model.run_with_cache(batch, pos_slice=-1)
+        _, images = model.run_with_cache(batch, image_tokens_only=True)
+    layer = model.vlm_cfg.cross_attention_layers[0]
+    keys = [f"blocks.{layer}.cross_attn.{n}" for n in ("hook_k", "hook_v", "k_norm.hook_normalized")]
+    for name in keys:
+        assert torch.equal(last[name], full[name]) and torch.equal(images[name], full[name])
+    resid = f"blocks.{layer}.hook_resid_post"
+    assert torch.equal(last[resid], full[resid][:, -1:])
+    assert torch.equal(images[resid], full[resid][batch.image_mask])

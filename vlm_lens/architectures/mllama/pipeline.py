@@ -44,6 +44,7 @@ class MllamaPipeline(ImagePipeline):
     extra_keys = EXTRAS
     splices_images = False
     supports_start_at_layer = False  # a residual passed in alone would skip the images' cross-attention
+    key_axis_hooks = (".cross_attn.hook_k", ".cross_attn.hook_v", ".cross_attn.k_norm.")  # [batch, keys, ...]
 
     def build(self, model: HookedVLM) -> None:
         vlm_cfg: MllamaConfig = model.vlm_cfg
