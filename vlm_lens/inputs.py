@@ -158,8 +158,10 @@ def prepare_inputs(model: HookedVLM, prompts: str | list[str], images: Any = Non
     old_side = tokenizer.padding_side
     tokenizer.padding_side = padding_side
     try:
+        # also as an argument: a processor's own default (InternVL's text_kwargs pad on the left) beats the
+        # tokenizer's attribute
         encoded = processor(text=texts, images=flat_images or None, return_tensors="pt", padding=True,
-                            **processor_kwargs)
+                            **{"padding_side": padding_side, **processor_kwargs})
     finally:
         tokenizer.padding_side = old_side
     tokens = encoded["input_ids"]

@@ -54,6 +54,21 @@ def test_checkpoint_loads_with_the_images_only_processor(model, batch):
     assert (batch.attention_mask[1] == 0).sum() > 0
 
 
+def test_prepare_pads_on_the_side_asked_for(model, batch):
+    """InternVL's processor defaults to left padding in its own text kwargs, which beat the tokenizer's setting:
+    padding_side="right" must still give right padding (extraction relies on it)."""
+    images = [[image(SIZES["wide"], 0), image(SIZES["tall"], 1)], [image(SIZES["square"], 2)]]
+    right = model.prepare([TWO_IMAGES, PROMPTS[1]], images=images, padding_side="right")
+    lengths = right.attention_mask.sum(1)
+    assert all(bool(right.attention_mask[b, :n].all()) and not right.attention_mask[b, n:].any()
+               for b, n in enumerate(lengths.tolist()))
+    assert lengths.tolist() == batch.attention_mask.sum(1).tolist()
+    with torch.no_grad():
+        left_logits, right_logits = model(batch), model(right)
+    n = int(lengths[1])
+    assert torch.allclose(right_logits[1, n - 1], left_logits[1, -1], atol=1e-4)
+
+
 def _hf_vision(hf, inputs):
     """HF's tower (every hidden state), its pixel shuffle and the projector's output."""
     with torch.no_grad():
