@@ -46,6 +46,14 @@ def check_hooks(model: Any, hooks: Sequence[str]) -> list[str]:
         close = [n for n in model.hook_dict if any(u.split(".")[-1] == n.split(".")[-1] for u in unknown)][:6]
         raise ValueError(f"hooks {unknown} are not hook points of this model; similar names: {close}. "
                          "See model.hook_dict for all of them.")
+    key_axis = [h for h in hooks if any(part in h for part in model.pipeline.key_axis_hooks)]
+    if key_axis:
+        raise ValueError(f"hooks {key_axis} are [batch, image_keys, ...] (cross-attention keys and values): their rows "
+                         "are image keys, not sequence positions. Read them with run_with_cache.")
+    image_side = [h for h in hooks if not is_sequence_hook(h)]
+    if image_side and not model.pipeline.splices_images:
+        raise ValueError(f"hooks {image_side} are image-side, and this model reads its images through cross-attention: "
+                         "no sequence position holds their rows. Read them with run_with_cache.")
     pairwise = [h for h in hooks if h.endswith(("hook_pattern", "hook_attn_scores"))]
     if pairwise:
         raise ValueError(f"hooks {pairwise} are [batch, head, query, key]: their rows have no fixed width. Extract "
@@ -81,12 +89,15 @@ class RowCapture:
         return [(name, self._sequence_hook if is_sequence_hook(name) else self._image_hook) for name in self.names]
 
     @contextmanager
-    def batch(self, selection: Selection, image_mask: torch.Tensor, buffer: Any) -> Iterator[None]:
-        """Capture the kept rows of ``selection`` (``image_mask``: the batch's, on the CPU) while inside;
-        afterwards, check every hook fired once (an image-token hook may stay silent where no row is kept)."""
+    def batch(self, selection: Selection, image_mask: torch.Tensor, buffer: Any,
+              image_tokens: Sequence[int]) -> Iterator[None]:
+        """Capture the kept rows of ``selection`` (``image_mask``: the batch's, on the CPU; ``image_tokens``: each
+        image's number of embedded tokens, in sequence order) while inside; afterwards, check every hook fired once
+        (an image-token hook may stay silent where no row is kept)."""
         check_image_rows(self.names, selection, image_mask)
         image_index = (image_mask.reshape(-1).long().cumsum(0) - 1).view(image_mask.shape)  # among image tokens
         self._state = {"buffer": buffer, "n_image_tokens": int(image_mask.sum()), "moved": {},
+                       "image_tokens": list(image_tokens),
                        "index": {"sequence": (selection.batch, selection.seq),
                                  "image": (image_index[selection.batch, selection.seq],)}}
         before = {h: len(buffer.parts[h]) for h in self.names}
@@ -112,10 +123,12 @@ class RowCapture:
     def _image_hook(self, act: torch.Tensor, hook: Any) -> None:
         if self._state is None:
             return
-        n_image_tokens = self._state["n_image_tokens"]
-        if act.shape[0] == n_image_tokens:
+        n_image_tokens, per_image = self._state["n_image_tokens"], self._state["image_tokens"]
+        # Rows in sequence order: [total_image_tokens, d], or [n_images, tokens, d] with each image's token count
+        # (a tiled tower's [n_tiles, patches, d] can match the total alone, in another order: refused).
+        if act.ndim == 2 and act.shape[0] == n_image_tokens:
             flat = act
-        elif act.ndim >= 3 and act.shape[0] * act.shape[1] == n_image_tokens:
+        elif act.ndim >= 3 and act.shape[0] == len(per_image) and all(n == act.shape[1] for n in per_image):
             flat = act.flatten(0, 1)
         else:
             raise ValueError(

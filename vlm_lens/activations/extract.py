@@ -19,6 +19,7 @@ from vlm_lens.activations.batches import prepared_batches
 from vlm_lens.activations.capture import RowCapture, check_hooks, is_sequence_hook, stop_layer
 from vlm_lens.activations.dataset import DatasetReader, Item, check_placeholders
 from vlm_lens.activations.distributed import Group, batch_block, join_group
+from vlm_lens.activations.files import dtype_code
 from vlm_lens.activations.manifest import (
     ARGUMENTS,
     MANIFEST,
@@ -78,6 +79,8 @@ def extract(model: Any, dataset: Any, *, hooks: Sequence[str], positions: str | 
         raise ValueError(f"shard_mb must be > 0, got {shard_mb}.")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype or None (keep each hook's own), got {dtype!r}.")
+    if dtype is not None:
+        dtype_code(dtype)  # one that cannot be stored is refused before anything runs
     hooks = check_hooks(model, hooks)
     spec = describe(positions)
     image_hooks = [h for h in hooks if not is_sequence_hook(h)]
@@ -149,7 +152,7 @@ def _run_rank(model: Any, reader: DatasetReader, plan: _Plan, out: Path, group: 
         for batch, inputs in prepared_batches(reader.items(shards.next_item, stop), plan.batch_size, prepare,
                                               plan.prefetch):
             selection = select(plan.positions, inputs, [it.raw for it in batch], [it.index for it in batch])
-            with capture.batch(selection, inputs.image_mask.cpu(), buffer):
+            with capture.batch(selection, inputs.image_mask.cpu(), buffer, [s.n_embeds for s in inputs.layout.spans]):
                 # return_type=None: no unembedding (a pass stopped early returns its residual anyway)
                 model(inputs.to(model.cfg.device), stop_at_layer=plan.stop_at, return_type=None)
             buffer.add_items(selection, [it.id for it in batch])

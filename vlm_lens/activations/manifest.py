@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from vlm_lens.activations.files import (
 )
 from vlm_lens.activations.positions import ROW_FIELDS
 from vlm_lens.activations.shards import PROGRESS
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "vlm_lens.activations/1"
 ARGUMENTS, MANIFEST = "arguments.json", "manifest.json"
@@ -81,10 +84,19 @@ def check_arguments(folder: Path, arguments: dict[str, Any]) -> str | None:
         write_json(path, arguments)
         return None
     diff = differences(read_json(path), arguments)
+    if diff and not _has_shards(folder):  # a call that failed before its first shard: nothing to resume
+        logger.info("%s holds no shard yet; its arguments are replaced (%s).", folder, "; ".join(diff))
+        write_json(path, arguments)
+        return None
     if diff:
         return (f"{folder} holds an extraction made with other arguments ({'; '.join(diff)}). Call again with the "
                 "same arguments to resume it, or use another out= folder (or delete this one) to start over.")
     return None
+
+
+def _has_shards(folder: Path) -> bool:
+    """Whether any rank of the extraction in ``folder`` has written a shard."""
+    return any(read_json(progress)["shards"] for progress in folder.glob(f"shards/rank*/{PROGRESS}"))
 
 
 def finish(folder: Path, world_size: int, hooks: Sequence[str], header: dict[str, Any]) -> None:

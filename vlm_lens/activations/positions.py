@@ -61,10 +61,18 @@ def _grid_cells(kind: int, rows: int, cols: int) -> torch.Tensor:
     return torch.stack([torch.full((rows * cols,), kind), r.reshape(-1), c.reshape(-1)], dim=1)
 
 
-def _cells(layout: ImageLayout, shape: tuple[int, int]) -> torch.Tensor:
-    """[batch, pos, 4]: (image within its item, grid kind, row, col) per position; -1 where none applies."""
-    cells = torch.full((*shape, 4), -1, dtype=torch.long)
-    local = [0] * shape[0]  # images seen so far in each batch row
+def _cells(layout: ImageLayout, image_mask: torch.Tensor) -> torch.Tensor:
+    """[batch, pos, 4]: (image within its item, grid kind, row, col) per position; -1 where none applies.
+
+    A cross-attention layout's grids index image keys, not positions: there each image's placeholder token
+    gets the image's index and no cell."""
+    cells = torch.full((*image_mask.shape, 4), -1, dtype=torch.long)
+    if layout.axis == "keys":
+        for b in range(image_mask.shape[0]):
+            placeholders = image_mask[b].nonzero().flatten()
+            cells[b, placeholders, 0] = torch.arange(len(placeholders))
+        return cells
+    local = [0] * image_mask.shape[0]  # images seen so far in each batch row
     for span in layout.spans:
         cells[span.batch, span.start:span.end, 0] = local[span.batch]
         local[span.batch] += 1
@@ -98,6 +106,8 @@ def _named(positions: str, image_mask: torch.Tensor, real: torch.Tensor) -> torc
 def _from_fn(fn: PositionsFn, inputs: VLMInputs, batch: int, item: Any, index: int, length: int) -> torch.Tensor:
     got = fn(row_view(inputs, batch), item)
     pos = torch.as_tensor(got).cpu()
+    if pos.numel() == 0:  # [] is a float tensor to torch: nothing kept for this item
+        return torch.zeros(0, dtype=torch.long)
     if pos.dtype == torch.bool:
         if pos.shape != (length,):
             raise ValueError(f"positions function gave a bool mask of shape {tuple(pos.shape)} for item {index}, "
@@ -125,7 +135,7 @@ def select(positions: str | PositionsFn, inputs: VLMInputs, items: Sequence[Any]
                   for b, (item, index) in enumerate(zip(items, indices))]
         batch = torch.cat([torch.full_like(pos, b) for b, pos in enumerate(picked)])
         seq = torch.cat(picked)
-    cells = _cells(inputs.layout, tuple(image_mask.shape))[batch, seq]
+    cells = _cells(inputs.layout, image_mask)[batch, seq]
     item = torch.as_tensor(list(indices), dtype=torch.long)[batch]
     info = torch.cat([item[:, None], seq[:, None], cells], dim=1)
     counts = torch.bincount(batch, minlength=len(indices)).tolist()

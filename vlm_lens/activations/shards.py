@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ class ShardBuffer:
         tail = list(rows.shape[1:])
         if self.tails.setdefault(name, tail) != tail:
             raise ValueError(f"hook {name!r} gave rows of shape {tail} after {self.tails[name]}; its width must not change.")
-        flat = rows.reshape(rows.shape[0], -1)
+        flat = rows.reshape(rows.shape[0], math.prod(rows.shape[1:]))  # -1 cannot size a batch that kept no row
         self.parts[name].append(flat)
         self.nbytes += flat.numel() * flat.element_size()
 
