@@ -69,3 +69,28 @@ def test_train_sae_with_sae_lens_trainer_then_save_and_load(sae_model, tmp_path)
         load_sae(tmp_path / "missing")
     with pytest.raises(ValueError, match="no cfg.json"):
         load_sae(tmp_path)
+
+
+def test_two_dimensional_image_hooks_give_one_row_per_token(tmp_path):
+    """Qwen2.5-VL's hook_image_embeds is [total_tokens, d]: each token is a row (it came out [n * d, 1])."""
+    from vlm_lens.architectures.qwen2_5_vl.testing import PROMPTS as QWEN_PROMPTS
+    from vlm_lens.architectures.qwen2_5_vl.testing import save_qwen, seeded_image
+    from vlm_lens.sae import HookedSAEVLM
+
+    path, _ = save_qwen(tmp_path / "qwen")
+    model = HookedSAEVLM.from_pretrained_no_processing(str(path))
+    same = [SimpleNamespace(prompt=QWEN_PROMPTS[i], image=seeded_image((16, 16), seed=i)) for i in range(2)]
+    inputs = model.prepare([it.prompt for it in same], images=[[it.image] for it in same])
+    _, cache = model.run_with_cache(inputs, names_filter="hook_image_embeds")
+    rows = next(activation_rows(model, same, "hook_image_embeds"))
+    assert cache["hook_image_embeds"].ndim == 2 and torch.allclose(rows, cache["hook_image_embeds"])
+    # a vision-tower hook stacks images of different sizes padded to the largest: refused in one batch,
+    # one image per pass gives each image's own rows
+    mixed = [same[0], SimpleNamespace(prompt=QWEN_PROMPTS[1], image=seeded_image((40, 24), seed=1))]
+    hook = "vision.blocks.1.hook_resid_post"
+    with pytest.raises(ValueError, match="padded to the largest"):
+        next(activation_rows(model, mixed, hook))
+    alone = torch.cat(list(activation_rows(model, mixed, hook, batch_size=1)))
+    patches = [int(t.prod()) for t in model.prepare([it.prompt for it in mixed],
+                                                    images=[[it.image] for it in mixed]).extras["image_grid_thw"]]
+    assert alone.shape[0] == sum(patches)

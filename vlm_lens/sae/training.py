@@ -36,10 +36,19 @@ RowPositions = Literal["image", "text", "all"]
 
 def _selected_rows(acts: torch.Tensor, inputs: VLMInputs, hook_name: str, positions: RowPositions) -> torch.Tensor:
     if not is_sequence_hook(hook_name):
-        # a vision-side hook: [n_images, n_tokens, ...], every token belongs to an image
+        # a vision-side hook: [total_tokens, d] or [n_images, n_tokens, ...], every token belongs to an image
         if positions == "text":
             raise ValueError("positions='text' needs a language-model hook; vision-side hooks hold only image tokens.")
-        return acts.reshape(-1, acts[0, 0].numel())
+        if acts.ndim == 2:
+            return acts
+        sizes = {span.n_embeds for span in inputs.layout.spans}
+        if len(sizes) > 1 and acts.shape[0] == len(inputs.layout.spans):
+            # a tower that takes each image at its own size stacks them padded to the largest: those rows
+            # are no image's tokens, and which they are is the tower's business
+            raise ValueError(f"{hook_name} stacks images of different sizes ({sorted(sizes)} tokens each) padded to "
+                             "the largest, so some of its rows are padding. Use batch_size=1 (one image per "
+                             "forward pass) or images of one size.")
+        return acts.flatten(0, 1).reshape(acts.shape[0] * acts.shape[1], -1)
     real = inputs.attention_mask.bool().to(acts.device)
     image = inputs.image_mask.to(acts.device)
     keep = {"image": image, "text": real & ~image, "all": real}[positions]
