@@ -124,6 +124,13 @@ class ImageLayout:
         hit = (b[:, 0] < bottom) & (b[:, 2] > top) & (b[:, 1] < right) & (b[:, 3] > left)
         return hit.nonzero().flatten() + self._span(image).start
 
+    def require_sequence_axis(self, tool: str) -> None:
+        """Refuse a ``"keys"`` layout where ``tool`` reads image positions of the sequence."""
+        if self.axis == "keys":
+            raise ValueError(f"{tool}: this model reads its images through cross-attention, so its image grids index "
+                             "cross-attention keys, not sequence positions. Read the blocks.{l}.cross_attn hooks "
+                             "(vlm_lens.architectures.mllama.analysis) instead.")
+
     def batch_of(self, image: int) -> int:
         return self._span(image).batch
 

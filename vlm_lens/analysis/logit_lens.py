@@ -76,6 +76,9 @@ def logit_lens(model: HookedVLM, inputs: VLMInputs, *, positions: Any = None, k:
     for name in names:
         resid = cache[name].gather(1, index[..., None].expand(-1, -1, model.cfg.d_model))
         logits = model.unembed(model.ln_final(resid)).float()
+        cap = model.cfg.output_logits_soft_cap
+        if cap and cap > 0:  # as the model's forward does (Gemma 2 / PaliGemma 2)
+            logits = cap * torch.tanh(logits / cap)
         p, t = logits.softmax(-1).topk(k, dim=-1)
         tokens.append(t.cpu())
         probs.append(p.cpu())
@@ -83,9 +86,14 @@ def logit_lens(model: HookedVLM, inputs: VLMInputs, *, positions: Any = None, k:
 
 
 def _target_ids(tokenizer: Any, word: str) -> set[int]:
+    """The tokens of the word's spellings (as is, capitalised, after a space), without special tokens (a
+    spelling the tokenizer does not know encodes to ``<unk>``) or pieces that decode to nothing (a bare
+    word-start marker)."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
     ids = set()
     for variant in (word, " " + word, word.capitalize(), " " + word.capitalize()):
-        ids.update(tokenizer.encode(variant, add_special_tokens=False))
+        ids.update(t for t in tokenizer.encode(variant, add_special_tokens=False)
+                   if t not in special and tokenizer.decode([t]).strip())
     return ids
 
 
@@ -100,6 +108,9 @@ def hit_rate(result: LogitLensResult, tokenizer: Any, targets: list[str], *, k: 
     """
     if match not in ("exact", "prefix"):
         raise ValueError(f"match must be 'exact' or 'prefix', got {match!r}.")
+    if not 1 <= k <= result.top_tokens.shape[-1]:
+        raise ValueError(f"k={k}, but the lens kept the top {result.top_tokens.shape[-1]} tokens; run logit_lens "
+                         f"with k >= {k}.")
     words = [t.lower() for t in targets]
     exact = set().union(*(_target_ids(tokenizer, w) for w in targets)) if targets else set()
 

@@ -76,7 +76,9 @@ def attention_view_data(
     ``inputs_or_cache`` is the ``VLMInputs`` (needed for the language model's labels), or for
     ``tower="vision"`` an ``ActivationCache`` alone. Without a cache the model runs once, caching only
     this layer's pattern. ``batch`` picks the batch row (``tower="lm"``; padding is dropped) and
-    ``image_index`` the image (``tower="vision"``).
+    ``image_index`` the vision tower's input (``tower="vision"``): an image, or where the model tiles its
+    images (LLaVA-NeXT, OneVision, Idefics3/SmolVLM, InternVL) a tile, in the order the processor made them
+    (each image's tiles in turn).
 
     Example:
         >>> pattern, labels = attention_view_data(model, inputs, 0, collapse_image=True)
@@ -105,8 +107,8 @@ def attention_view_data(
     pattern = cache[name].detach().float().cpu()
     if tower == "vision":
         if not 0 <= image_index < pattern.shape[0]:
-            raise ValueError(f"image_index {image_index} is out of range: the cache holds "
-                             f"{pattern.shape[0]} image(s).")
+            raise ValueError(f"image_index {image_index} is out of range: the vision tower ran on "
+                             f"{pattern.shape[0]} input(s) (images, or tiles where the model tiles images).")
         labels = vision_token_labels(model)
         if len(labels) != pattern.shape[-1]:
             raise ValueError(f"The vision pattern covers {pattern.shape[-1]} tokens, but the tower's grid "

@@ -254,6 +254,7 @@ def attention_to_image(
         (torch.Size([3, 3]), True)
         >>> fig = viz.image_heatmap(viz.pixels_to_image(model, inputs.pixel_values[0]), grid)
     """
+    inputs.layout.require_sequence_axis("attention_to_image")
     grid = inputs.layout.grid(image_index)
     batch = inputs.layout.batch_of(image_index)
     seq_len = inputs.tokens.shape[1]

@@ -266,3 +266,17 @@ def test_cache_options_keep_the_cross_attention_keys_whole(model, batch):
     resid = f"blocks.{layer}.hook_resid_post"
     assert torch.equal(last[resid], full[resid][:, -1:])
     assert torch.equal(images[resid], full[resid][batch.image_mask])
+
+
+def test_sequence_grid_tools_refuse_the_key_axis(model, batch):
+    """attention_to_image and read_kv index sequence positions with the image grids; on a cross-attention
+    model those grids are keys, so they read text tokens: refused, with where to look instead."""
+    from vlm_lens import viz
+    from vlm_lens.analysis.probing import read_kv
+
+    one = model.prepare(PROMPTS[0], images=IMAGES[0])
+    with pytest.raises(ValueError, match="cross_attn"):
+        viz.attention_to_image(model, one)
+    with pytest.raises(ValueError, match="cross_attn"):
+        read_kv(model, one)
+    assert all(not hp.fwd_hooks for hp in model.hook_dict.values())

@@ -123,6 +123,7 @@ def grid_index(layout: ImageLayout) -> tuple[Int[torch.Tensor, " n_images"], Int
     """(batch row, grid positions) of every image in ``layout``; all images must share one grid shape."""
     if layout.n_images == 0:
         raise ValueError("these inputs hold no image; build them with model.prepare(prompt, images=[...]).")
+    layout.require_sequence_axis("read_kv")
     shapes = {tuple(s.grid.shape) for s in layout.spans}
     if len(shapes) != 1:
         raise ValueError(f"images have different grid shapes {sorted(shapes)}; read them in separate calls.")
