@@ -199,3 +199,29 @@ def test_head_projection_reads_either_weight_layout(layout, with_bias):
     x, bias = torch.randn(2, 5, 16), torch.randn(4, 8) if with_bias else torch.zeros(4, 8)
     expected = torch.einsum("bpm,nmh->bpnh", x, weight) + bias
     torch.testing.assert_close(project_heads(x, weight, bias), expected)
+
+
+def test_zero_biases_edited_through_data_and_trained_act_as_in_transformer_lens(llava_dir):
+    """The fast path leaves all-zero biases out on CPU; an edit through .data (no version bump) must still
+    count, and a bias autograd may train must get its gradient."""
+    from vlm_lens import HookedVLM
+
+    tokens = torch.tensor([[1, 5, 9, 13, 17, 21, 25]])
+    outputs, grads = {}, {}
+    for fast in (False, True):
+        model = HookedVLM.from_pretrained_no_processing(str(llava_dir), fast=fast)
+        with torch.no_grad():
+            before = model(tokens)
+            model.blocks[0].attn.b_O.data += 1.0
+            model.blocks[1].mlp.b_out.data.fill_(0.5)
+            model.unembed.b_U.data[7] = 3.0
+            outputs[fast] = (model(tokens), before)
+        model.zero_grad()
+        model(tokens)[0, -1].logsumexp(-1).backward()
+        grads[fast] = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()
+                       if n in ("blocks.0.attn.b_Q", "blocks.0.mlp.b_in", "blocks.1.attn.b_O")}
+    assert not torch.allclose(*outputs[True], atol=1e-3)
+    assert torch.allclose(outputs[True][0], outputs[False][0], atol=ATOL)
+    for name, grad in grads[False].items():
+        assert grads[True][name] is not None, name
+        assert torch.allclose(grads[True][name], grad, atol=ATOL), name

@@ -15,18 +15,13 @@ from transformer_lens.components import GatedMLP, Unembed
 
 def nonzero_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
     """``bias``, or None where it is all zeros on the CPU (TransformerLens keeps zero biases that Hugging
-    Face models do not have; on CPU, adding one costs a copy of the whole output). The answer is kept on
-    the tensor with its storage address and in-place edit counter, so it is recomputed only after the
-    bias changes. On GPUs the bias rides along in the GEMM and checking would stall the stream."""
-    if bias is None or bias.device.type != "cpu":
+    Face models do not have; on CPU, adding one costs a copy of the whole output). Checked on every call (a
+    few microseconds for a vector): an edit through ``.data`` leaves no trace to key a memo on. A bias that
+    autograd may train stays in, so that it gets its gradient. On GPUs the bias rides along in the GEMM and
+    checking would stall the stream."""
+    if bias is None or bias.device.type != "cpu" or (bias.requires_grad and torch.is_grad_enabled()):
         return bias
-    key = (bias.data_ptr(), None if bias.is_inference() else bias._version)
-    memo = getattr(bias, "_vlm_lens_zero", None)
-    if memo is None or memo[0] != key or key[1] is None:
-        memo = (key, not bool(bias.any()))
-        if key[1] is not None:
-            bias._vlm_lens_zero = memo
-    return None if memo[1] else bias
+    return None if not bool(bias.any()) else bias
 
 
 def addmm(bias: torch.Tensor | None, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
