@@ -12,6 +12,7 @@ weights plus one block (benchmarks/results/ has the measured figures).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -52,7 +53,14 @@ def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, pr
                     allow_pickle: bool, fast: bool | None = None, **hf_kwargs: Any) -> Any:
     from transformers import AutoConfig
 
-    dtype = resolve_dtype(dtype)
+    dtype = _dtype_argument(dtype, hf_kwargs.pop("torch_dtype", None))
+    padding_side = hf_kwargs.pop("default_padding_side", None)
+    if padding_side not in (None, "left", "right"):
+        raise ValueError(f"default_padding_side={padding_side!r}; use 'left' or 'right'.")
+    unsupported = sorted(set(hf_kwargs) & set(TRANSFORMER_LENS_ONLY))
+    if unsupported:
+        raise ValueError(f"from_pretrained does not take TransformerLens's {unsupported}: a HookedVLM loads every "
+                         "layer onto one device (device=...); load the model, then change it.")
     hf_kwargs.pop("trust_remote_code", None)
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False, **hf_kwargs)
     spec = get_spec(architecture_of(config), getattr(config, "model_type", None))
@@ -85,7 +93,27 @@ def load_pretrained(cls: type, name_or_path: str, *, device: Any, dtype: Any, pr
     processor = _load_processor(name_or_path, spec.load_processor, **hf_kwargs)
     holder = [hf_model]
     del hf_model
-    return build_from_hf(cls, holder, processor, processing=processing, device=device, dtype=dtype, fast=fast)
+    model = build_from_hf(cls, holder, processor, processing=processing, device=device, dtype=dtype, fast=fast)
+    if padding_side is not None and model.tokenizer is not None:
+        model.set_tokenizer(model.tokenizer, default_padding_side=padding_side)
+    return model
+
+
+# HookedTransformer.from_pretrained options with no meaning here; refused by name rather than passed on to
+# the HF constructor, whose error would not say what to do.
+TRANSFORMER_LENS_ONLY = ("n_devices", "first_n_layers", "move_to_device", "refactor_factored_attn_matrices",
+                         "checkpoint_index", "checkpoint_value", "hf_model", "tokenizer", "n_ctx")
+
+
+def _dtype_argument(dtype: Any, torch_dtype: Any) -> torch.dtype | None:
+    """``dtype``, or ``torch_dtype`` (its old name, which TransformerLens still takes and lets win)."""
+    if torch_dtype is None:
+        return resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(torch_dtype)
+    if dtype is not None and resolve_dtype(dtype) not in (torch.float32, torch_dtype):
+        raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass dtype= alone.")
+    warnings.warn("torch_dtype= is the old name of dtype=; use dtype=.", DeprecationWarning, stacklevel=4)
+    return torch_dtype
 
 
 def _describe(entry: Any) -> str:
