@@ -71,6 +71,24 @@ def test_multi_image_prompt_keeps_one_tile_per_image(ov_pair):
     assert_stages_match(model, hf, inputs)
 
 
+def test_prepare_groups_images_per_prompt_as_the_processor_does(ov_pair):
+    """model.prepare passes the processor one flat list: it is regrouped per prompt, so a two-image prompt
+    gets one tile per image and a one-image prompt beside it is tiled, as HF's nested lists give."""
+    model, hf = ov_pair
+    prompts = ["USER : <image> <image>\nwhat is this ?", PROMPT]
+    images = [[image(SIZES["wide"], 4), image(SIZES["tall"], 5)], [image(SIZES["square"], 6)]]
+    inputs = model.prepare(prompts, images=images)
+    encoded = model.processor(text=prompts, images=images, return_tensors="pt", padding=True, padding_side="left")
+    assert inputs.extras["batch_num_images"].tolist() == [2, 1]
+    assert torch.equal(inputs.tokens, encoded["input_ids"])
+    assert [s.crop_grid is None for s in inputs.layout.spans] == [True, True, False]
+    with torch.no_grad():
+        ref = hf(**hf_inputs(inputs, padded=True)).logits
+        ours = model(inputs)
+    real = inputs.attention_mask.bool()
+    assert (ours[real] - ref[real]).abs().max() <= 1e-4
+
+
 def test_clip_tower(tmp_path):
     model, hf = load_pair(tmp_path, tiny_onevision_config("clip", "llama", vision_feature_layer=-2,
                                                           vision_aspect_ratio="anyres_max_1"))

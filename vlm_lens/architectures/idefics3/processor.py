@@ -15,15 +15,16 @@ the checkpoint's image processor, tokenizer, chat template and the processor's o
 
 from __future__ import annotations
 
-from itertools import accumulate
 from typing import Any, no_type_check
 
 from transformers import Idefics3Processor, SmolVLMProcessor
-from transformers.image_utils import get_image_size, is_valid_image, make_flat_list_of_images, to_numpy_array
+from transformers.image_utils import get_image_size, make_flat_list_of_images, to_numpy_array
 from transformers.processing_utils import ProcessorMixin
 
+from vlm_lens.architectures.per_prompt import ImagesPerPrompt
 
-class _ImagesOnly:
+
+class _ImagesOnly(ImagesPerPrompt):
     """What both shims add to their transformers processor (mixed in before it)."""
 
     @no_type_check
@@ -31,17 +32,6 @@ class _ImagesOnly:
         if videos is not None:
             raise ValueError(f"vlm_lens feeds {type(self).__name__} still images only; videos are not supported.")
         return super().__call__(images=images, text=text, **kwargs)
-
-    @no_type_check
-    def prepare_inputs_layout(self, images=None, text=None, **kwargs):
-        if images is not None and text is not None and isinstance(images, (list, tuple)) and images \
-                and all(is_valid_image(img) for img in images):
-            texts = [text] if isinstance(text, str) else list(text)
-            counts = [t.count(self.image_token) for t in texts]
-            if sum(counts) == len(images):  # otherwise the processor's own check names the mismatch
-                ends = list(accumulate(counts))
-                images = [list(images[end - n:end]) for n, end in zip(counts, ends)]
-        return super().prepare_inputs_layout(images=images, text=text, **kwargs)
 
     @no_type_check
     def _process_images(self, images, **kwargs):

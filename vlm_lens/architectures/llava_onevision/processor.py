@@ -6,14 +6,17 @@ from typing import Any, no_type_check
 
 from transformers import LlavaOnevisionProcessor
 
+from vlm_lens.architectures.per_prompt import ImagesPerPrompt
 
-class LlavaOnevisionImageProcessor(LlavaOnevisionProcessor):
+
+class LlavaOnevisionImageProcessor(ImagesPerPrompt, LlavaOnevisionProcessor):
     """transformers' ``LlavaOnevisionProcessor`` without its video processor.
 
     transformers builds every video processor on torchvision, and ``AutoProcessor`` loads the video
     processor eagerly (transformers issue #48558), so without torchvision the OneVision processor cannot
     be built at all. vlm_lens feeds images only; this keeps the image processor, tokenizer and the
-    processor's own token counting unchanged.
+    processor's own token counting unchanged, and regroups ``model.prepare``'s flat image list per prompt
+    (the processor tiles a prompt's single image, and gives each image of a multi-image prompt one tile).
 
     Example:
         >>> from vlm_lens.architectures.llava_next import testing
