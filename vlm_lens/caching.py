@@ -35,25 +35,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformer_lens.utilities import Slice
 
+from vlm_lens.hook_names import is_sequence_hook, position_dim
 from vlm_lens.inputs import VLMInputs
 
 if TYPE_CHECKING:
     from vlm_lens.hooked_vlm import HookedVLM
-
-LM_HOOK_PREFIXES = ("hook_embed", "hook_pos_embed", "blocks.", "ln_final.", "unembed.")
-_QUERY_FIRST = ("hook_attn_scores", "hook_pattern")
-
-
-def is_sequence_hook(name: str, key_axis_hooks: tuple[str, ...] = ()) -> bool:
-    """Whether ``name`` is a language-model hook with a sequence-position dimension (not one of a pipeline's
-    ``key_axis_hooks``, whose dimension 1 indexes image keys)."""
-    return name.startswith(LM_HOOK_PREFIXES) and not any(part in name for part in key_axis_hooks)
-
-
-def position_dim(name: str) -> int:
-    """The sequence-position dimension of a language-model hook's activation (with its batch dimension)."""
-    return 2 if name.endswith(_QUERY_FIRST) else 1
-
 
 def _own_memory(kept: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """``kept`` without a reference to the rest of ``source``'s memory."""

@@ -1,4 +1,4 @@
-"""The one place that builds hook names from strings.
+"""The one place that builds hook names from strings, and reads what kind of activation a name holds.
 
 Hook points take their names from where they sit in the module tree (``HookedTransformer.setup``); code
 that must name a hook before a forward pass (analysis tools, views, caches with ``names_filter``) builds
@@ -33,3 +33,21 @@ def cross_attn_name(name: str, layer: int) -> str:
     """``cross_attn_name("attn_scores", 3)`` -> ``blocks.3.cross_attn.hook_attn_scores`` (cross-attention
     blocks of models that read images through cross-attention)."""
     return f"blocks.{layer}.cross_attn.hook_{name}"
+
+
+# Language-model hooks: their activations run over the input sequence, at dimension 1 ([batch, pos, ...]) or,
+# for attention scores and patterns, 2 ([batch, head, query_pos, key_pos]). Every other hook is image-side
+# (``vision.*``, ``projector.*``, ``hook_image_features``, ``hook_image_embeds``, a family's own modules).
+LM_HOOK_PREFIXES = ("hook_embed", "hook_pos_embed", "hook_tokens", "blocks.", "ln_final.", "unembed.")
+PAIRWISE_SUFFIXES = ("hook_attn_scores", "hook_pattern")
+
+
+def is_sequence_hook(name: str, key_axis_hooks: tuple[str, ...] = ()) -> bool:
+    """Whether ``name`` is a language-model hook with a sequence-position dimension; ``key_axis_hooks``: name
+    fragments of a pipeline's hooks whose dimension 1 indexes image keys instead (cross-attention)."""
+    return name.startswith(LM_HOOK_PREFIXES) and not any(part in name for part in key_axis_hooks)
+
+
+def position_dim(name: str) -> int:
+    """The sequence-position dimension of a language-model hook's activation (with its batch dimension)."""
+    return 2 if name.endswith(PAIRWISE_SUFFIXES) else 1

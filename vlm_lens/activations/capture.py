@@ -23,14 +23,9 @@ from typing import Any
 import torch
 
 from vlm_lens.activations.positions import Selection
+from vlm_lens.hook_names import is_sequence_hook
 
-SEQUENCE_PREFIXES = ("blocks.", "ln_final.")
-SEQUENCE_NAMES = ("hook_embed", "hook_pos_embed", "hook_tokens")
 _LAYER = re.compile(r"^blocks\.(\d+)\.")
-
-
-def is_sequence_hook(name: str) -> bool:
-    return name.startswith(SEQUENCE_PREFIXES) or name in SEQUENCE_NAMES
 
 
 def check_hooks(model: Any, hooks: Sequence[str]) -> list[str]:

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vlm_lens.activations.batches import prepared_batches
-from vlm_lens.activations.capture import RowCapture, check_hooks, is_sequence_hook, stop_layer
+from vlm_lens.activations.capture import RowCapture, check_hooks, stop_layer
 from vlm_lens.activations.dataset import DatasetReader, Item, check_placeholders
 from vlm_lens.activations.distributed import Group, batch_block, join_group
 from vlm_lens.activations.files import dtype_code
@@ -32,6 +32,7 @@ from vlm_lens.activations.manifest import (
 from vlm_lens.activations.positions import PositionsFn, describe, select
 from vlm_lens.activations.shards import RankShards, ShardBuffer
 from vlm_lens.activations.store import ActivationStore, load
+from vlm_lens.hook_names import is_sequence_hook
 from vlm_lens.inputs import VLMInputs
 
 

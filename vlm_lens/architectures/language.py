@@ -73,6 +73,24 @@ def _rope(text_config: Any) -> dict[str, Any]:
     return out
 
 
+def _sliding_window(text_config: Any) -> dict[str, Any]:
+    """TransformerLens's local-attention settings for a sliding window (Mistral; Qwen2 with
+    ``use_sliding_window``), per layer as HF's ``layer_types`` says (Qwen2: the layers from
+    ``max_window_layers`` on), or {} without one. TransformerLens reads ``attn_types`` only with
+    ``use_local_attn``."""
+    sliding = getattr(text_config, "sliding_window", None)
+    if text_config.model_type == "qwen2" and not getattr(text_config, "use_sliding_window", False):
+        return {}
+    if sliding is None or sliding >= text_config.max_position_embeddings:
+        return {}
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types:
+        types = ["local" if t == "sliding_attention" else "global" for t in layer_types]
+    else:
+        types = ["local"] * text_config.num_hidden_layers
+    return {"use_local_attn": True, "window_size": sliding, "attn_types": types} if "local" in types else {}
+
+
 def text_config_to_tl(
     text_config: Any, dtype: torch.dtype, device: str | torch.device
 ) -> HookedTransformerConfig:
@@ -84,13 +102,7 @@ def text_config_to_tl(
     n_kv = text_config.num_key_value_heads
     if n_kv == n_heads and not family.always_grouped:
         n_kv = None  # plain multi-head attention: TL then offers hook_attn_in too
-    sliding = getattr(text_config, "sliding_window", None)
-    if text_config.model_type == "qwen2" and not getattr(text_config, "use_sliding_window", False):
-        sliding = None
-    if sliding is not None and sliding < text_config.max_position_embeddings:
-        local = {"window_size": sliding, "attn_types": ["local"] * text_config.num_hidden_layers}
-    else:
-        local = {}
+    local = _sliding_window(text_config)
     return HookedTransformerConfig(
         d_model=text_config.hidden_size,
         d_head=d_head,

@@ -14,6 +14,11 @@ VARIANTS = {
     "llama-mha": dict(lm="llama", text_overrides=dict(num_key_value_heads=4)),
     "mistral": dict(lm="mistral"),
     "qwen2-qkv-bias": dict(lm="qwen2"),
+    # windows shorter than the prompt: every layer (Mistral), the layers from max_window_layers on (Qwen2)
+    "mistral-sliding": dict(lm="mistral", text_overrides=dict(sliding_window=4)),
+    "qwen2-sliding-upper": dict(lm="qwen2", text_overrides=dict(
+        use_sliding_window=True, sliding_window=4, max_window_layers=1,
+        layer_types=["full_attention", "sliding_attention"])),
     "projector-no-bias": dict(lm="llama", multimodal_projector_bias=False),
     "feature-layer-last": dict(lm="llama", vision_feature_layer=-1),
     "feature-layer-list": dict(lm="llama", vision_feature_layer=[0, -3, -1]),
@@ -70,7 +75,30 @@ def test_parity_stage_by_stage(tmp_path, variant):
     assert (logits - ref.logits).abs().max() <= ATOL
 
 
-@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-qkv-bias"])
+@pytest.mark.parametrize("variant", ["mistral-sliding", "qwen2-sliding-upper"])
+def test_sliding_windows_on_a_padded_batch_and_in_generation(tmp_path, variant):
+    path, hf = build_variant(tmp_path, VARIANTS[variant])
+    model = HookedVLM.from_pretrained_no_processing(str(path))
+    assert [b.attn.attn_type for b in model.blocks] == (
+        ["local", "local"] if variant.startswith("mistral") else ["global", "local"])
+    tokens = image_prompt_tokens(model.vlm_cfg.n_image_tokens, batch=2, seed=5)
+    mask = torch.ones_like(tokens)
+    tokens[1, :3], mask[1, :3] = 0, 0  # row 1 left-padded
+    pixels = random_pixels(2, seed=6)
+    with torch.no_grad():
+        ref = hf(input_ids=tokens, pixel_values=pixels, attention_mask=mask,
+                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+        ours = model(tokens, pixel_values=pixels, attention_mask=mask)
+    real = mask.bool()
+    assert (ours[real] - ref[real]).abs().max() <= ATOL
+    new = model.generate(tokens, max_new_tokens=6, pixel_values=pixels, attention_mask=mask, stop_at_eos=False)
+    with torch.no_grad():
+        expected = hf.generate(input_ids=tokens, pixel_values=pixels, attention_mask=mask, max_new_tokens=6,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(new, expected)
+
+
+@pytest.mark.parametrize("variant", ["llama-gqa", "qwen2-qkv-bias", "mistral-sliding"])
 def test_processed_weights_match_log_probs(tmp_path, variant):
     path, hf = build_variant(tmp_path, VARIANTS[variant])
     model = HookedVLM.from_pretrained(str(path))
