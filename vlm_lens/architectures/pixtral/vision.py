@@ -38,6 +38,7 @@ from vlm_lens._tl.components import MaskedRotaryAttention
 from vlm_lens.architectures.pixtral.config import PixtralVisionConfig, PixtralVLMConfig
 from vlm_lens.context import Scoped
 from vlm_lens.rotary import rotate_half
+from vlm_lens.vision.padding import additive, within_image
 
 
 def pixtral_block_config(vcfg: PixtralVisionConfig, n_layers: int, dtype: torch.dtype) -> HookedTransformerConfig:
@@ -143,6 +144,5 @@ class HookedPixtralVision(nn.Module):
             r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
             rows[i, :h * w], cols[i, :h * w], valid[i, :h * w] = r.flatten(), c.flatten(), True
         angles = axial_angles(rows, cols, self.cfg.d_head, self.vision_cfg.rotary_base).to(device)
-        same_image = valid[:, :, None] & valid[:, None, :]
-        mask = torch.zeros(same_image.shape, dtype=self.cfg.dtype).masked_fill(~same_image, float("-inf"))
-        return VisionContext(cos=angles.cos(), sin=angles.sin(), mask=mask[:, None].to(device))
+        mask = additive(within_image(valid), self.cfg.dtype, device)
+        return VisionContext(cos=angles.cos(), sin=angles.sin(), mask=mask)

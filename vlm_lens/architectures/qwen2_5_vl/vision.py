@@ -42,6 +42,7 @@ from vlm_lens._tl.components import MaskedRotaryAttention
 from vlm_lens.architectures.qwen2_5_vl.config import Qwen2_5_VLConfig, QwenVisionConfig
 from vlm_lens.context import Scoped
 from vlm_lens.rotary import rotate_half
+from vlm_lens.vision.padding import additive, within_image
 
 
 def qwen_vision_block_config(vcfg: QwenVisionConfig, dtype: torch.dtype, normalization_type: str = "RMS",
@@ -186,11 +187,8 @@ class HookedQwen2_5_VLVision(nn.Module):
                 window[i, :h * w] = (r.flatten() // m // side) * per_row + c.flatten() // m // side
         freqs = torch.cat([rows[..., None] * inv_freq, cols[..., None] * inv_freq], dim=-1)
         freqs = torch.cat([freqs, freqs], dim=-1).to(device)
-        valid = window >= 0
-        same_image = valid[:, :, None] & valid[:, None, :]
+        same_image = within_image(window >= 0)
         same_window = same_image & (window[:, :, None] == window[:, None, :])
-        ignore = torch.tensor(float("-inf"), dtype=self.cfg.dtype)
-        zero = torch.tensor(0.0, dtype=self.cfg.dtype)
-        full = torch.where(same_image, zero, ignore)[:, None].to(device)
-        windows = full if side is None else torch.where(same_window, zero, ignore)[:, None].to(device)
+        full = additive(same_image, self.cfg.dtype, device)
+        windows = full if side is None else additive(same_window, self.cfg.dtype, device)
         return VisionContext(cos=freqs.cos(), sin=freqs.sin(), full_mask=full, window_mask=windows)

@@ -32,6 +32,7 @@ from transformer_lens.hook_points import HookPoint
 from vlm_lens._tl.components import MaskedRotaryAttention
 from vlm_lens.architectures.qwen2_5_vl.vision import VISION_CALL, VisionContext, full_mask, vision_rotary
 from vlm_lens.architectures.qwen3_vl.config import Qwen3VisionConfig, Qwen3VLConfig
+from vlm_lens.vision.padding import additive, within_image
 
 Grid = tuple[int, int, int]
 
@@ -61,9 +62,7 @@ def vision_context(grids: list[Grid], n_max: int, d_head: int, base: float, dtyp
         rows[i, :h * w], cols[i, :h * w], valid[i, :h * w] = r.flatten(), c.flatten(), True
     freqs = torch.cat([rows[..., None] * inv_freq, cols[..., None] * inv_freq], dim=-1)
     freqs = torch.cat([freqs, freqs], dim=-1).to(device)
-    same_image = valid[:, :, None] & valid[:, None, :]
-    mask = torch.where(same_image, torch.tensor(0.0, dtype=dtype), torch.tensor(float("-inf"), dtype=dtype))
-    mask = mask[:, None].to(device)
+    mask = additive(within_image(valid), dtype, device)
     return VisionContext(cos=freqs.cos(), sin=freqs.sin(), window_mask=mask, full_mask=mask)
 
 
