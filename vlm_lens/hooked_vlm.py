@@ -141,16 +141,24 @@ class HookedVLM(HookedTransformer):
         self.vision.cfg.use_attn_result = use_attn_result
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """As TransformerLens's, in the vision tower too where its blocks split their inputs per head (a tower of
+        the family's own blocks without ``hook_q_input``, Mllama's, keeps the flag off and its hooks)."""
         super().set_use_split_qkv_input(use_split_qkv_input)
-        self.vision.cfg.use_split_qkv_input = use_split_qkv_input
+        if self._vision_splits_inputs():
+            self.vision.cfg.use_split_qkv_input = use_split_qkv_input
 
     def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
         super().set_use_hook_mlp_in(use_hook_mlp_in)
         self.vision.cfg.use_hook_mlp_in = use_hook_mlp_in
 
     def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """As TransformerLens's, in the vision tower too where its blocks split their inputs per head."""
         super().set_use_attn_in(use_attn_in)
-        self.vision.cfg.use_attn_in = use_attn_in
+        if self._vision_splits_inputs():
+            self.vision.cfg.use_attn_in = use_attn_in
+
+    def _vision_splits_inputs(self) -> bool:
+        return any(hasattr(module, "hook_q_input") for module in self.vision.modules())
 
     # ----------------------------------------------------------------------------------- images
     @property

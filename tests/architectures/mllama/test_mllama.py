@@ -280,3 +280,19 @@ def test_sequence_grid_tools_refuse_the_key_axis(model, batch):
     with pytest.raises(ValueError, match="cross_attn"):
         read_kv(model, one)
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def test_split_qkv_input_leaves_the_vision_tower_alone(model, batch):
+    """The flag gives the language model its per-head input hooks; Mllama's own vision blocks have none, so
+    the tower keeps running (it failed with an einsum error) and the logits do not move."""
+    with torch.no_grad():
+        base = model(batch)
+    model.set_use_split_qkv_input(True)
+    try:
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(batch, names_filter=lambda n: n.endswith("hook_q_input"))
+        assert not model.vision.cfg.use_split_qkv_input
+        assert "blocks.0.hook_q_input" in cache
+        assert (logits - base).abs().max() <= 1e-4
+    finally:
+        model.set_use_split_qkv_input(False)
