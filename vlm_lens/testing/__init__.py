@@ -237,3 +237,12 @@ def assert_language_model_matches_hf(model, cache, logits, hidden_states, hf_log
 def real_positions(x: torch.Tensor, inputs) -> torch.Tensor:
     """``x`` [batch, pos, ...] at the real (non-padding) positions of ``inputs``."""
     return x[inputs.attention_mask.bool()]
+
+
+def assert_image_attention(pattern: torch.Tensor, n_real: int) -> None:
+    """A padded vision tower's pattern for one image ([heads, n, n]): its ``n_real`` patches read nothing past
+    them, and each padding row attends to itself alone (``vlm_lens.vision.padding``)."""
+    n = pattern.shape[-1]
+    assert (pattern[:, :n_real, n_real:] == 0).all(), "a patch reads padding"
+    eye = torch.eye(n, dtype=pattern.dtype, device=pattern.device)[n_real:]
+    assert torch.equal(pattern[:, n_real:], eye.expand(pattern.shape[0], -1, -1)), "a padding row reads more than itself"

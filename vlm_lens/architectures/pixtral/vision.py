@@ -10,7 +10,8 @@ Layout of the activations, so TransformerLens tools read them as usual:
 
 - ``vision.*`` activations are [n_images, max_patches, ...], each image's patches in **raster order**
   (``pos = row * cols + col`` over its own patch grid), zero-padded at the end to the largest image.
-- ``vision.blocks.{l}.attn.hook_pattern`` is [n_images, heads, max_patches, max_patches]: zero for padding.
+- ``vision.blocks.{l}.attn.hook_pattern`` is [n_images, heads, max_patches, max_patches]: zero outside the
+  image; a padding row attends to itself alone (``vlm_lens.vision.padding``).
 - ``hook_image_features`` / ``projector.hook_in``: [total_image_tokens, merge**2 * d_features], one row per
   language-model token in sequence order: the merged block's patches' features, row-major within the block
   (Mistral 3's merger weight is reordered to match when converted). ``d_features`` is ``d_vision`` per feature
@@ -59,7 +60,7 @@ class VisionContext:
 
     cos: torch.Tensor  # [n_images, max_patches, d_head]
     sin: torch.Tensor
-    mask: torch.Tensor  # [n_images, 1, max_patches, max_patches]: 0 inside the image, -inf for padding
+    mask: torch.Tensor  # [n_images, 1, max_patches, max_patches]: 0 inside the image (a padding row: itself)
 
 
 VISION_CALL: Scoped[VisionContext] = Scoped("vlm_lens_pixtral_vision_call")

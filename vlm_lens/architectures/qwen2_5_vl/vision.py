@@ -12,7 +12,8 @@ Layout of the activations, so TransformerLens tools read them as usual:
   in **raster order** (row-major over its patch grid, ``pos = row * cols + col``), zero-padded at the end
   to the largest image. Neither the processor's order (2x2 blocks) nor transformers' window order.
 - ``vision.blocks.{l}.attn.hook_pattern`` is [n_images, heads, max_patches, max_patches] in that order:
-  zero outside each patch's window (windowed blocks), outside the image (full blocks) and for padding.
+  zero outside each patch's window (windowed blocks) and outside the image (full blocks); a padding row
+  attends to itself alone (``vlm_lens.vision.padding``: a row with no key made NaN gradients).
 - ``hook_image_features`` / ``projector.hook_in``: [total_image_tokens, merge**2 * d_vision], one row per
   language-model token in sequence order: the block's patches' features, row-major within the block.
 
@@ -107,10 +108,12 @@ class QwenVisionMLP(GatedMLP):
         self.b_gate = nn.Parameter(torch.zeros(self.d_mlp, dtype=self.cfg.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre_act = self.hook_pre(x @ self.W_gate + self.b_gate)
-        pre_linear = self.hook_pre_linear(x @ self.W_in + self.b_in)
+        # F.linear on the transposed view is HF's nn.Linear call: the bias is added inside the product, one
+        # rounding in half precision (x @ W + b rounds twice)
+        pre_act = self.hook_pre(F.linear(x, self.W_gate.T, self.b_gate))
+        pre_linear = self.hook_pre_linear(F.linear(x, self.W_in.T, self.b_in))
         post_act = self.hook_post(self.act_fn(pre_act) * pre_linear)
-        return post_act @ self.W_out + self.b_out
+        return F.linear(post_act, self.W_out.T, self.b_out)
 
 
 class HookedQwen2_5_VLVision(nn.Module):
