@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import nn
 from transformer_lens.hook_points import HookPoint
@@ -20,4 +21,5 @@ class MllamaProjector(nn.Module):
 
     def forward(self, features: Float[torch.Tensor, "n_images keys d_features"]
                 ) -> Float[torch.Tensor, "n_images keys d_model"]:
-        return self.hook_out(self.hook_in(features.to(self.W.dtype)) @ self.W + self.b)
+        # HF's nn.Linear call: the bias added inside the product, one rounding in half precision
+        return self.hook_out(F.linear(self.hook_in(features.to(self.W.dtype)), self.W.T, self.b))

@@ -9,6 +9,7 @@ now sits inside the text embedding module and no longer touches the image embedd
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import nn
 from transformer_lens.hook_points import HookPoint
@@ -31,4 +32,4 @@ class PaliGemmaProjector(nn.Module):
     def forward(self, features: Float[torch.Tensor, "n_images n_patches d_vision"]
                 ) -> Float[torch.Tensor, "n_images n_patches d_model"]:
         x = self.hook_in(features.to(self.W.dtype))
-        return self.hook_out(x @ self.W + self.b)
+        return self.hook_out(F.linear(x, self.W.T, self.b))  # HF's nn.Linear call: one rounding in half precision
