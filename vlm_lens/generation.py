@@ -44,6 +44,16 @@ def _as_inputs(model: HookedVLM, input: Any, pixel_values: torch.Tensor | None, 
     return inputs_from_tokens(model, tokens, pixel_values, attention_mask=attention_mask, **extras)
 
 
+def _pad_token(model: HookedVLM, stop: torch.Tensor | None) -> int:
+    """What finished rows are padded with: as HF's generate, the generation_config's pad token, else the first
+    stop token; for a model without a generation_config (built by hand), the tokenizer's pad token first."""
+    candidates = [model.generation_pad_token_id]
+    if model.generation_eos_token_ids is None and model.tokenizer is not None:
+        candidates.append(model.tokenizer.pad_token_id)
+    candidates.append(None if stop is None else int(stop[0]))
+    return next((t for t in candidates if t is not None), 0)
+
+
 def _stop_tokens(model: HookedVLM, eos_token_id: int | Sequence[int] | None) -> torch.Tensor | None:
     """The tokens that end a row: those given, else the checkpoint's generation_config (HF's default, which
     may list several), else the tokenizer's eos token."""
@@ -106,10 +116,8 @@ def generate(
                          "pad on the left (model.prepare(..., padding_side='left'), the default).")
     if seed is not None:
         torch.manual_seed(seed)
-    tok = model.tokenizer
     stop = _stop_tokens(model, eos_token_id)
-    pad_id = next((t for t in (model.generation_pad_token_id, None if tok is None else tok.pad_token_id,
-                               None if stop is None else int(stop[0])) if t is not None), 0)
+    pad_id = _pad_token(model, stop)
     batch, prompt_len = tokens.shape
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = new_cache(model.cfg, device, batch) if use_past_kv_cache else None

@@ -57,7 +57,7 @@ def test_image_hook_rows_must_match_each_images_token_count(model):
     name = type("Hook", (), {"name": "hook_image_embeds"})()
     sizes = [s.n_embeds for s in inputs.layout.spans]
     assert sizes == [9, 9]
-    for shape in ((2, 9, 4), (18, 4)):
+    for shape in ((2, 9, 4), (18, 4), (18, 2, 2)):  # per image, [total, d], a merger's [total, merged, d]
         buffer = ShardBuffer(["hook_image_embeds"])
         with capture.batch(selection, inputs.image_mask, buffer, sizes):
             hook(torch.randn(shape), name)

@@ -64,14 +64,18 @@ def test_knockout_refuses_negative_positions():
         knockout_hooks([5], [[0, 1], [-2]], [0])
 
 
-def test_knockout_takes_a_row_per_row_position_tensor(raw_model, two):
+def test_knockout_reads_a_grid_tensor_for_every_row_and_a_list_per_row(raw_model, two):
+    """A tensor of any shape (a grid) applies to every row; a list gives each row its own positions."""
     last = two.tokens.shape[1] - 1
-    grids = torch.stack([two.layout.grid(i).flatten() for i in range(2)])  # [batch, n]: each row's own image
+    grid = two.layout.grid(0)  # [4, 4]
     with torch.no_grad():
-        stacked = raw_model.run_with_hooks(two, fwd_hooks=knockout_hooks([last], grids, [0, 1]))
-        listed = raw_model.run_with_hooks(two, fwd_hooks=knockout_hooks([last], list(grids), [0, 1]))
-    assert torch.equal(stacked, listed)
-    with pytest.raises(ValueError, match=r"positions of shape \(3, 16\)"):
-        with torch.no_grad():
-            raw_model.run_with_hooks(two, fwd_hooks=knockout_hooks([last], torch.zeros(3, 16, dtype=torch.long), [0]))
+        as_grid = raw_model.run_with_hooks(two, fwd_hooks=knockout_hooks([last], grid, [0, 1]))
+        flat = raw_model.run_with_hooks(two, fwd_hooks=knockout_hooks([last], grid.flatten(), [0, 1]))
+        own = [two.layout.grid(i).flatten() for i in range(2)]
+        per_row = raw_model.run_with_hooks(two, fwd_hooks=knockout_hooks([last], own, [0, 1]))
+        row1_alone = raw_model.run_with_hooks(two, fwd_hooks=knockout_hooks([[], [last]], [[], own[1]], [0, 1]))
+    assert torch.equal(as_grid, flat)
+    assert torch.equal(per_row[1], row1_alone[1]) and not torch.allclose(per_row[1], as_grid[1])
+    with pytest.raises(ValueError, match=r"pass \[5\]"):
+        knockout_hooks(5, grid, [0])
     assert not any(h.fwd_hooks for h in raw_model.hook_dict.values())

@@ -80,7 +80,7 @@ def test_generate_rejects_missing_pixels(raw_model, batch):
 @pytest.fixture(scope="module")
 def two_stop_tokens(llava_dir, batch, raw_model, tmp_path_factory):
     """The tiny LLaVA with a generation_config that lists two stop tokens (as Gemma 3, Qwen2.5-VL and Llama 3.2
-    Vision checkpoints do): the tokenizer's eos and the second token row 0 generates."""
+    Vision checkpoints do): the tokenizer's eos and the second token row 0 generates; no pad token."""
     import json
     import shutil
 
@@ -89,7 +89,8 @@ def two_stop_tokens(llava_dir, batch, raw_model, tmp_path_factory):
     shutil.copytree(llava_dir, path, dirs_exist_ok=True)
     config = path / "generation_config.json"
     settings = json.loads(config.read_text()) if config.exists() else {}
-    settings.update(eos_token_id=[2, second], pad_token_id=0)
+    settings.update(eos_token_id=[2, second])
+    settings.pop("pad_token_id", None)  # HF then pads finished rows with the first stop token
     config.write_text(json.dumps(settings))
     return path, second
 

@@ -119,9 +119,10 @@ class RowCapture:
         if self._state is None:
             return
         n_image_tokens, per_image = self._state["n_image_tokens"], self._state["image_tokens"]
-        # Rows in sequence order: [total_image_tokens, d], or [n_images, tokens, d] with each image's token count
-        # (a tiled tower's [n_tiles, patches, d] can match the total alone, in another order: refused).
-        if act.ndim == 2 and act.shape[0] == n_image_tokens:
+        # Rows in sequence order: [total_image_tokens, ...] (e.g. a merger's [tokens, patches merged, d]), or
+        # [n_images, tokens, ...] with each image's token count (a tiled tower's [n_tiles, patches, d] can match
+        # the total alone, in another order: refused).
+        if act.shape[0] == n_image_tokens:
             flat = act
         elif act.ndim >= 3 and act.shape[0] == len(per_image) and all(n == act.shape[1] for n in per_image):
             flat = act.flatten(0, 1)

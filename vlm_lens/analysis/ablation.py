@@ -85,7 +85,7 @@ def embed_ablation_hooks(positions: Any, replacement: Replacement = "zero", *, m
                          seed: int = 0, inputs: VLMInputs | None = None) -> list[Hook]:
     """Hooks on ``hook_embed`` replacing any sequence positions (text or image tokens).
 
-    Positions are absolute, >= 0 (one tensor for every row, a ``[batch, n]`` tensor or one per row). Each
+    Positions are absolute, >= 0 (one tensor for every row, or a list with one per row). Each
     call replaces those of its own positions (in ``generate`` with the KV cache, a step's new tokens sit after
     the cached ones, so prompt positions are replaced once, at the prefill, and a listed generated position on
     its step); positions past the end of a call are skipped. ``"noise"`` is matched to the mean and std of

@@ -46,7 +46,7 @@ def knockout_hooks(query_positions: Any, key_positions: Any, layers: Sequence[in
                    tower: Tower = "lm") -> list[Hook]:
     """Hooks that block attention from ``query_positions`` to ``key_positions``.
 
-    Positions are absolute, >= 0 (one tensor for every batch row, a ``[batch, n]`` tensor or a list with one
+    Positions are absolute, >= 0 (one tensor for every batch row, e.g. ``layout.grid(i)``, or a list with one
     per row; positions past the end of a call are skipped, so later generated tokens can be listed); ``layers`` is
     a list or a window name (then ``n_layers`` is needed); ``heads=None`` means all heads.
 

@@ -19,18 +19,11 @@ from vlm_lens.layout import ImageLayout
 def per_row(positions: Any, batch: int) -> list[Int[torch.Tensor, "n"]]:
     """One LongTensor of sequence positions per batch row, as every tool here takes them.
 
-    A 1-D tensor or a list of ints applies to every row; a ``[batch, n]`` tensor or a list of ``batch``
-    sequences gives each row its own.
+    A tensor (of any shape, e.g. ``layout.grid(i)``: flattened) or a list of ints applies to every row; a list
+    (or tuple) of ``batch`` sequences gives each row its own, e.g. ``list(per_row_tensor)``.
     """
-    if torch.is_tensor(positions) or isinstance(positions, np.ndarray):
-        positions = torch.as_tensor(positions, dtype=torch.long)
-        if positions.ndim <= 1:
-            return [positions.reshape(-1)] * batch
-        if positions.ndim == 2 and positions.shape[0] == batch:
-            return list(positions.unbind(0))
-        raise ValueError(f"positions of shape {tuple(positions.shape)}: give a 1-D tensor (the same positions in "
-                         f"every row), a [batch={batch}, n] tensor or a list with one tensor per row.")
-    if isinstance(positions, Sequence) and positions and isinstance(positions[0], (int, np.integer)):
+    if torch.is_tensor(positions) or isinstance(positions, np.ndarray) or (
+            isinstance(positions, Sequence) and positions and isinstance(positions[0], (int, np.integer))):
         return [torch.as_tensor(positions, dtype=torch.long).reshape(-1)] * batch
     if not isinstance(positions, Sequence) or len(positions) != batch:
         n = len(positions) if isinstance(positions, Sequence) else type(positions).__name__
@@ -40,7 +33,10 @@ def per_row(positions: Any, batch: int) -> list[Int[torch.Tensor, "n"]]:
 
 def require_absolute(positions: Any, what: str) -> None:
     """Refuse negative positions where a tool needs absolute ones (counted from the start of the sequence,
-    so that they stay the same positions while ``generate`` appends tokens)."""
+    so that they stay the same positions while ``generate`` appends tokens), and a bare number."""
+    if isinstance(positions, (int, np.integer)):
+        raise ValueError(f"{what} must be a list or tensor of positions, got the number {positions}; pass "
+                         f"[{positions}].")
     flat = positions if torch.is_tensor(positions) or isinstance(positions, np.ndarray) else (
         [int(p) for p in positions] if positions and isinstance(positions[0], (int, np.integer))
         else [int(p) for row in positions for p in torch.as_tensor(row).reshape(-1).tolist()])
