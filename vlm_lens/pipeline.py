@@ -80,6 +80,11 @@ class ImagePipeline:
     def layout(self, model: HookedVLM, image_mask: torch.Tensor, extras: dict[str, Any]) -> ImageLayout:
         raise NotImplementedError
 
+    def processed_size(self, extras: dict[str, Any], image: int) -> tuple[int, int] | None:
+        """(height, width) of image ``image`` inside its ``pixel_values`` entry where the processor pads a
+        batch's images to the largest; None where the entry is the image."""
+        return None
+
     def positions(self, model: HookedVLM, tokens: torch.Tensor, image_mask: torch.Tensor | None,
                   attention_mask: torch.Tensor | None, past_kv_cache: Any, history: Any,
                   extras: dict[str, Any]) -> Any:

@@ -97,7 +97,8 @@ def feature_heatmap(model: Any, inputs: VLMInputs, sae: Any, feature: int, image
     from vlm_lens import viz
 
     values = feature_map(model, inputs, sae, feature, image_index)
-    image = viz.pixels_to_image(model, inputs.pixel_values[image_index])
+    image = viz.pixels_to_image(model, inputs.pixel_values[image_index],
+                                size=model.pipeline.processed_size(inputs.extras, image_index))
     heatmap_kwargs.setdefault("title", f"feature {feature} at {_hook_of(sae)}")
     heatmap_kwargs.setdefault("vmin", 0.0)
     return viz.image_heatmap(image, values, **heatmap_kwargs)

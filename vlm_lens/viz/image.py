@@ -28,11 +28,14 @@ def _image_processor(model: HookedVLM) -> Any:
     return getattr(processor, "image_processor", processor)
 
 
-def pixels_to_image(model: HookedVLM, pixel_values: Float[torch.Tensor, "channels height width"]) -> Any:
+def pixels_to_image(model: HookedVLM, pixel_values: Float[torch.Tensor, "channels height width"],
+                    size: tuple[int, int] | None = None) -> Any:
     """Undo the processor's normalisation of one preprocessed image: ``pixel_values[i]`` -> PIL RGB image.
 
     This is the picture the model saw (resized and cropped), so patch (r, c) of the vision grid covers
-    the same pixels in it as in the model.
+    the same pixels in it as in the model. ``size`` (height, width) crops it to the image where the
+    processor pads a batch's images to the largest (Pixtral: ``model.pipeline.processed_size(inputs.extras,
+    i)``); without it a padded image comes with its padding, and a grid drawn over it lands on wrong pixels.
 
     Example:
         >>> img = viz.pixels_to_image(model, inputs.pixel_values[0])
@@ -43,11 +46,13 @@ def pixels_to_image(model: HookedVLM, pixel_values: Float[torch.Tensor, "channel
 
     ip = _image_processor(model)
     x = pixel_values.detach().float().cpu()
-    if x.shape[0] != 3:
+    if x.ndim != 3 or x.shape[0] != 3:
         raise ValueError(
             f"pixel_values has shape {tuple(x.shape)}; give one RGB image as [3, height, width], "
-            "e.g. inputs.pixel_values[0]."
+            "e.g. inputs.pixel_values[0] (a tiled image is [n_tiles, 3, height, width]: give one tile)."
         )
+    if size is not None:
+        x = x[:, : int(size[0]), : int(size[1])]
     if getattr(ip, "do_normalize", True):
         mean = torch.as_tensor(ip.image_mean, dtype=torch.float32).reshape(-1, 1, 1)
         std = torch.as_tensor(ip.image_std, dtype=torch.float32).reshape(-1, 1, 1)

@@ -342,3 +342,17 @@ def test_analysis_toolkit_runs(model):
     assert torch.equal(readout.features("image_embeds"), cache["hook_image_embeds"].reshape(2, 3, 4, -1))
     assert torch.equal(readout.features("image_features"), cache["hook_image_features"].reshape(2, 3, 4, -1))
     assert all(not hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def test_the_picture_of_a_padded_image_is_the_image_alone(model, batch):
+    """The processor pads a batch's images to the largest: processed_size crops the picture back, so a grid
+    drawn over it covers the pixels its tokens read."""
+    import numpy as np
+
+    from vlm_lens import viz
+
+    alone = model.prepare(PROMPTS[0], images=[image(SIZES["square"], 2)])
+    size = model.pipeline.processed_size(batch.extras, 2)
+    picture = viz.pixels_to_image(model, batch.pixel_values[2], size=size)
+    assert np.array_equal(np.asarray(picture), np.asarray(viz.pixels_to_image(model, alone.pixel_values[0])))
+    assert viz.pixels_to_image(model, batch.pixel_values[2]).size != picture.size  # the padded canvas

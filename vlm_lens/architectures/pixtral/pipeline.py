@@ -69,6 +69,10 @@ class PixtralPipeline(ImagePipeline):
 
     extra_keys: tuple[str, ...] = ("image_sizes",)
 
+    def processed_size(self, extras: dict[str, Any], image: int) -> tuple[int, int] | None:
+        height, width = image_sizes_of(extras)[image].tolist()
+        return int(height), int(width)
+
     def plan(self, model: HookedVLM, pixel_values: torch.Tensor, extras: dict[str, Any]) -> ImagePlan:
         sizes, cfg = image_sizes_of(extras), model.vlm_cfg
         channels = cfg.vision.n_channels
