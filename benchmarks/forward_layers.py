@@ -102,6 +102,7 @@ def run(
 
     from vlm_lens import HookedVLM
 
+    machine = machine_info(device)  # the load average before the rounds
     torch_dtype = getattr(torch, dtype)
     base = SHAPES[config]
     shape = dataclasses.replace(base, lm_layers=lm_layers or base.lm_layers, dtype=torch_dtype, device=device)
@@ -141,7 +142,10 @@ def run(
                     if device.startswith("cuda"):
                         torch.cuda.synchronize()
                     samples[name].append({"total": time.perf_counter() - start, **timers[name].take()})
-    labels = ["total", *parts]
+    for runs in samples.values():  # per round: the time outside the timed modules (they do not nest)
+        for sample in runs:
+            sample["outside"] = sample["total"] - sum(sample[k] for k in parts)
+    labels = ["total", *parts, "outside"]
     medians = {
         name: {k: statistics.median(s[k] for s in runs) for k in labels} for name, runs in samples.items()
     }
@@ -149,7 +153,7 @@ def run(
         "name": f"forward_{config}_{shape.lm_layers}l_{dtype}_{device.split(':')[0]}",
         "seq_len": int(tokens.shape[1]),
         "shape": {k: str(v) for k, v in vars(shape).items()},
-        "machine": machine_info(device),
+        "machine": machine,
         "rounds": rounds,
         "median_s": medians,
         "samples": samples,
@@ -170,8 +174,7 @@ def report(r: dict) -> str:
     for k in layers:
         sums[_group(k)][0] += hf[k]
         sums[_group(k)][1] += vlm[k]
-    timed = [k for k in hf if k != "total"]
-    rest = (hf["total"] - sum(hf[k] for k in timed), vlm["total"] - sum(vlm[k] for k in timed))
+    rest = (hf["outside"], vlm["outside"])  # the median over rounds of each round's total minus its modules
     lines = [
         f"One image prompt of {r['seq_len']} positions, {r['shape']['dtype']}, {r['machine']['device']}; "
         f"{m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}; load average "

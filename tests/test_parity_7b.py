@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -54,3 +55,15 @@ def test_parity_script_on_tiny_shapes(tmp_path):
     text = parity.report(r)
     assert "processed model (`from_pretrained`): top-1 token equal" in text
     assert "(vlm) |" in text and "x), " in text
+
+
+def test_the_clear_top1_check_can_fail():
+    """'Clear' positions are those whose HF margin beats twice the stated tolerance, not the measured difference
+    (against which any argmax is trivially stable): unrelated logits fail it."""
+    parity = _parity_module()
+    hf = torch.randn(2, 50, 40, generator=torch.Generator().manual_seed(0)) * 5
+    other = torch.randn(2, 50, 40, generator=torch.Generator().manual_seed(1)) * 5
+    bad = parity.compare(hf, other, parity.BF16_LOGPROB_TOL)
+    assert bad["clear_positions"] > 0 and not bad["top1_equal_where_clear"] and not bad["within_tolerance"]
+    good = parity.compare(hf, hf + 1e-3, parity.BF16_LOGPROB_TOL)
+    assert good["top1_equal_where_clear"] and good["within_tolerance"]
