@@ -84,8 +84,13 @@ def test_custom_model_needs_an_image_or_an_organism(llava_dir, tmp_path, capsys)
     assert "expected one of" in capsys.readouterr().err
 
 
+def _no_nan(name):
+    raise ValueError(f"{name} in results.json")
+
+
 def test_scenes_report_runs_the_seed_studies(scenes_report):
-    summary = json.loads((scenes_report / "results.json").read_text())
+    # strict JSON: a study row without items is null, not NaN (which JSON parsers refuse)
+    summary = json.loads((scenes_report / "results.json").read_text(), parse_constant=_no_nan)
     assert summary["organism"] == "scenes" and summary["n_items"] == N_EVAL and summary["expected"]
     studies = summary["studies"]
     ablation = studies["ablation"]
@@ -99,6 +104,16 @@ def test_scenes_report_runs_the_seed_studies(scenes_report):
     for name in ("input.png", "attention.png", "logit_lens_curve.png", "knockout_windows.png"):
         assert name in index and Image.open(scenes_report / name).size[0] >= 600
     assert Image.open(scenes_report / "attention.png").size[0] >= 1300  # 8 layers, 4 a row
+    assert "grown by 1 cell" in index  # what the knockout's 'object' blocks
+
+
+def test_another_question_about_an_organism_image_shows_no_expected_answer(tmp_path):
+    """--prompt asks something else about the picked item's image: its answer and outline are not this one's."""
+    prompt = "USER: what colour is the diamond ?\n<image> ASSISTANT:"
+    assert main(["demo", "--organism", "scenes", "--out", str(tmp_path), "--n-eval", "2", "--prompt", prompt]) == 0
+    summary = json.loads((tmp_path / "results.json").read_text())
+    index = (tmp_path / "index.html").read_text()
+    assert summary["expected"] is None and "id='expected'" not in index
 
 
 def test_demo_on_the_default_organism(tmp_path):

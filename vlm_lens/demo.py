@@ -84,6 +84,8 @@ def _load(cfg: DemoConfig) -> tuple[Any, Any, Any, str | None]:
     if cfg.image is None:
         item = pick_item(model, name)
         image, prompt = item.image, cfg.prompt or item.prompt
+        if cfg.prompt:  # another question about the item's image: its answer and target are not this one's
+            item = None
     else:
         item, image = None, Image.open(cfg.image).convert("RGB")
         prompt = cfg.prompt or "USER: <image>\nWhat is in the image? ASSISTANT:"
@@ -176,10 +178,12 @@ def _study_figures(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
         },
         xlabel="LM layer (resid_post)",
         ylabel=f"fraction of patches (top-{lens.k})",
-        title="Logit lens names the object's colour or shape",
+        title="Logit lens: does a patch's top-k name an object's colour or shape?",
     )
     windows = [f"{w[0]}-{w[-1]}" for w in knockout.windows]
-    series = {f"answer -/-> {name}": (values, "-") for name, values in knockout.accuracy.items()}
+    ring = f" (+{knockout.buffer} cell ring)" if knockout.buffer else ""
+    series = {f"answer -/-> {name}{ring if name == 'object' else ''}": (values, "-")
+              for name, values in knockout.accuracy.items()}
     knockout_fig = _line_figure(
         windows,
         series,
@@ -191,8 +195,11 @@ def _study_figures(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     viz.save_figure(lens_fig, out / "logit_lens_curve.png")
     viz.save_figure(knockout_fig, out / "knockout_windows.png")
     return [
-        ("logit_lens_curve.png", "Logit lens: share of patches whose top-k tokens name the object"),
-        ("knockout_windows.png", "Accuracy with attention from the answer blocked, per layer window"),
+        ("logit_lens_curve.png", "Logit lens: share of patches whose top-k tokens name their object's colour or "
+         "shape, against background patches naming any object's (the control: with a small vocabulary a top-k "
+         "names a present object often by chance, so compare the two)"),
+        ("knockout_windows.png", f"Accuracy with attention from the answer blocked, per layer window; 'object' is "
+         f"the object's cells grown by {knockout.buffer} cell(s)"),
     ]
 
 
@@ -256,10 +263,22 @@ def run_demo(cfg: DemoConfig) -> Path:
         "n_items": cfg.n_eval if results else None,
         "studies": {k: asdict(v) for k, v in results.items()} if results else None,
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    (out / "results.json").write_text(json.dumps(_finite(summary), indent=2, allow_nan=False))
     index = out / "index.html"
     index.write_text(_index_html(summary, results, figures, list(views)))
     return index
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with NaN (a study row without items, e.g. a random control that did not fit) as None: JSON
+    has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _html_table(markdown: str, table_id: str) -> str:
