@@ -196,8 +196,9 @@ def _study_figures(results: dict[str, Any], out: Path) -> list[tuple[str, str]]:
     viz.save_figure(knockout_fig, out / "knockout_windows.png")
     return [
         ("logit_lens_curve.png", "Logit lens: share of patches whose top-k tokens name their object's colour or "
-         "shape, against background patches naming any object's (the control: with a small vocabulary a top-k "
-         "names a present object often by chance, so compare the two)"),
+         "shape, against the same test for each object at the background patches, averaged over the image's "
+         "objects (the control: with a small vocabulary a top-k names a present object often by chance, so "
+         "compare the two)"),
         ("knockout_windows.png", f"Accuracy with attention from the answer blocked, per layer window; 'object' is "
          f"the object's cells grown by {knockout.buffer} cell(s)"),
     ]

@@ -9,8 +9,8 @@ patch and maps every ``spatial_merge_size`` x ``spatial_merge_size`` block of pa
 Layout of the activations, so TransformerLens tools read them as usual:
 
 - Images are the batch: ``vision.*`` activations are [n_images, max_patches, ...], each image's patches
-  in **raster order** (row-major over its patch grid, ``pos = row * cols + col``), zero-padded at the end
-  to the largest image. Neither the processor's order (2x2 blocks) nor transformers' window order.
+  in **raster order** (row-major over its patch grid, ``pos = row * cols + col``), padded at the end to the
+  largest image (padding rows are zero at the tower's input only: ignore them). Neither the processor's order (2x2 blocks) nor transformers' window order.
 - ``vision.blocks.{l}.attn.hook_pattern`` is [n_images, heads, max_patches, max_patches] in that order:
   zero outside each patch's window (windowed blocks) and outside the image (full blocks); a padding row
   attends to itself alone (``vlm_lens.vision.padding``: a row with no key made NaN gradients).

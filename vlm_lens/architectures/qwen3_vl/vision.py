@@ -11,7 +11,7 @@ batch in raster order), with these differences, read off transformers' ``Qwen3VL
 - the outputs of the ``deepstack_layers`` blocks are returned too, for the deepstack mergers.
 
 Layout, as in Qwen2.5-VL: ``vision.*`` activations are [n_images, max_patches, ...], each image's patches in
-raster order, zero-padded at the end; the features returned (and ``hook_image_features``) are
+raster order, padded at the end (padding rows are zero at the tower's input only: ignore them); the features returned (and ``hook_image_features``) are
 [total_image_tokens, merge**2 * d_vision], one row per language-model token in sequence order.
 
 Reused: TransformerLens's ``TransformerBlock`` (LayerNorm, MLP, hooks), ``MaskedRotaryAttention`` with the
