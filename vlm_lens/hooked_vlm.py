@@ -142,7 +142,7 @@ class HookedVLM(HookedTransformer):
 
     def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
         """As TransformerLens's, in the vision tower too where its blocks split their inputs per head (a tower of
-        the family's own blocks without ``hook_q_input``, Mllama's, keeps the flag off and its hooks)."""
+        the family's own blocks without ``hook_q_input`` keeps the flag off and its hooks)."""
         super().set_use_split_qkv_input(use_split_qkv_input)
         if self._vision_splits_inputs():
             self.vision.cfg.use_split_qkv_input = use_split_qkv_input

@@ -158,7 +158,7 @@ def prepare_inputs(model: HookedVLM, prompts: str | list[str], images: Any = Non
     old_side = tokenizer.padding_side
     tokenizer.padding_side = padding_side
     try:
-        # also as an argument: a processor's own default (InternVL's text_kwargs pad on the left) beats the
+        # also as an argument: a processor's own default (some set padding_side in their text kwargs) beats the
         # tokenizer's attribute
         encoded = processor(text=texts, images=flat_images or None, return_tensors="pt", padding=True,
                             **{"padding_side": padding_side, **processor_kwargs})

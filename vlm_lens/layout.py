@@ -129,7 +129,7 @@ class ImageLayout:
         if self.axis == "keys":
             raise ValueError(f"{tool}: this model reads its images through cross-attention, so its image grids index "
                              "cross-attention keys, not sequence positions. Read the blocks.{l}.cross_attn hooks "
-                             "(vlm_lens.architectures.mllama.analysis) instead.")
+                             "(the family's analysis module under vlm_lens.architectures) instead.")
 
     def batch_of(self, image: int) -> int:
         return self._span(image).batch

@@ -77,7 +77,7 @@ def logit_lens(model: HookedVLM, inputs: VLMInputs, *, positions: Any = None, k:
         resid = cache[name].gather(1, index[..., None].expand(-1, -1, model.cfg.d_model))
         logits = model.unembed(model.ln_final(resid)).float()
         cap = model.cfg.output_logits_soft_cap
-        if cap and cap > 0:  # as the model's forward does (Gemma 2 / PaliGemma 2)
+        if cap and cap > 0:  # as the model's forward does (soft-capped logits)
             logits = cap * torch.tanh(logits / cap)
         p, t = logits.softmax(-1).topk(k, dim=-1)
         tokens.append(t.cpu())

@@ -1,10 +1,10 @@
 """Attention masks for vision towers that take each image at its own size, padded to one length.
 
-Qwen2-VL / Qwen2.5-VL / Qwen3-VL and Pixtral towers run a call's images as one batch, each padded at the
-end to the largest. A patch attends to the patches of its own image; a padding row attends to itself
-alone. With no key at all its softmax would be NaN: TransformerLens zeroes NaN patterns in the forward,
-but the backward through them is NaN and, through the shared keys, reaches every real patch (d loss /
-d pixels was NaN for the smaller images). Padding rows are dropped before the projector, so what they
+Towers that take each image at its own size (the dynamic-resolution families) run a call's images as one
+batch, each padded at the end to the largest. A patch attends to the patches of its own image; a padding
+row attends to itself alone. With no key at all its softmax would be NaN: TransformerLens zeroes NaN
+patterns in the forward, but the backward through them is NaN and, through the shared keys, reaches every
+real patch (d loss / d pixels was NaN for the smaller images). Padding rows are dropped before the projector, so what they
 attend to changes nothing downstream.
 """
 

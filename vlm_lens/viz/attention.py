@@ -77,7 +77,7 @@ def attention_view_data(
     ``tower="vision"`` an ``ActivationCache`` alone. Without a cache the model runs once, caching only
     this layer's pattern. ``batch`` picks the batch row (``tower="lm"``; padding is dropped) and
     ``image_index`` the vision tower's input (``tower="vision"``): an image, or where the model tiles its
-    images (LLaVA-NeXT, OneVision, Idefics3/SmolVLM, InternVL) a tile, in the order the processor made them
+    images (the tiling families) a tile, in the order the processor made them
     (each image's tiles in turn).
 
     Example:

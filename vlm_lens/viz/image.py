@@ -34,8 +34,8 @@ def pixels_to_image(model: HookedVLM, pixel_values: Float[torch.Tensor, "channel
 
     This is the picture the model saw (resized and cropped), so patch (r, c) of the vision grid covers
     the same pixels in it as in the model. ``size`` (height, width) crops it to the image where the
-    processor pads a batch's images to the largest (Pixtral: ``model.pipeline.processed_size(inputs.extras,
-    i)``); without it a padded image comes with its padding, and a grid drawn over it lands on wrong pixels.
+    processor pads a batch's images to the largest (``model.pipeline.processed_size(inputs.extras, i)``, which
+    the families whose processor pads answer); without it a padded image comes with its padding, and a grid drawn over it lands on wrong pixels.
 
     Example:
         >>> img = viz.pixels_to_image(model, inputs.pixel_values[0])
