@@ -22,13 +22,18 @@ def per_row(positions: Any, batch: int) -> list[Int[torch.Tensor, "n"]]:
     A tensor (of any shape, e.g. ``layout.grid(i)``: flattened) or a list of ints applies to every row; a list
     (or tuple) of ``batch`` sequences gives each row its own, e.g. ``list(per_row_tensor)``.
     """
-    if torch.is_tensor(positions) or isinstance(positions, np.ndarray) or (
-            isinstance(positions, Sequence) and positions and isinstance(positions[0], (int, np.integer))):
+    if _shared_by_every_row(positions):
         return [torch.as_tensor(positions, dtype=torch.long).reshape(-1)] * batch
     if not isinstance(positions, Sequence) or len(positions) != batch:
         n = len(positions) if isinstance(positions, Sequence) else type(positions).__name__
         raise ValueError(f"give one position tensor for every row or a list with one per batch row ({batch}), got {n}.")
     return [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in positions]
+
+
+def _shared_by_every_row(positions: Any) -> bool:
+    """A tensor or a list of ints (the same positions in every row), not a list with one entry per row."""
+    return torch.is_tensor(positions) or isinstance(positions, np.ndarray) or (
+        isinstance(positions, Sequence) and bool(positions) and isinstance(positions[0], (int, np.integer)))
 
 
 def require_absolute(positions: Any, what: str) -> None:
@@ -37,10 +42,8 @@ def require_absolute(positions: Any, what: str) -> None:
     if isinstance(positions, (int, np.integer)):
         raise ValueError(f"{what} must be a list or tensor of positions, got the number {positions}; pass "
                          f"[{positions}].")
-    flat = positions if torch.is_tensor(positions) or isinstance(positions, np.ndarray) else (
-        [int(p) for p in positions] if positions and isinstance(positions[0], (int, np.integer))
-        else [int(p) for row in positions for p in torch.as_tensor(row).reshape(-1).tolist()])
-    flat = torch.as_tensor(flat, dtype=torch.long)
+    rows = [positions] if _shared_by_every_row(positions) else list(positions)
+    flat = torch.cat([torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in rows] or [torch.zeros(0, dtype=torch.long)])
     if flat.numel() and int(flat.min()) < 0:
         raise ValueError(f"{what} must be absolute sequence positions (>= 0), got {int(flat.min())}; for the last "
                          "prompt token use inputs.tokens.shape[1] - 1.")
